@@ -1,0 +1,10 @@
+//! Generated protobuf and gRPC types for Berth.
+//!
+//! - [`agent`]: Berth's local agent API (`berth.agent.v1`), served on the agent's unix socket to
+//!   the CNI plugin and `berthctl`.
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// Berth's local agent API (`berth.agent.v1`).
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/berth.agent.v1.rs"));
+}
