@@ -9,7 +9,7 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 APT_PACKAGES=(
   iproute2 containernetworking-plugins containerd runc iperf3 e2fsprogs xfsprogs
   bpftool busybox-static hyperfine jq util-linux protobuf-compiler procps
-  python3-venv
+  python3-venv libprotobuf-dev
 )
 
 need_apt=()

@@ -7,6 +7,9 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The OpenStack simulator's storage backend (sparse files, loop devices, by-id links).
+    #[error("simulator backend: {0}")]
+    Backend(String),
 }
 
 /// Result alias for the control plane.

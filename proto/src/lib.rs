@@ -2,9 +2,16 @@
 //!
 //! - [`agent`]: Berth's local agent API (`berth.agent.v1`), served on the agent's unix socket to
 //!   the CNI plugin and `berthctl`.
+//! - [`csi`]: the Container Storage Interface (`csi.v1`, wire shape of CSI spec v1.12), served by
+//!   `berth-csi`.
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 /// Berth's local agent API (`berth.agent.v1`).
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/berth.agent.v1.rs"));
+}
+
+/// Container Storage Interface (`csi.v1`), wire shape of CSI spec v1.12.
+pub mod csi {
+    include!(concat!(env!("OUT_DIR"), "/csi.v1.rs"));
 }
