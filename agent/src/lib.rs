@@ -1,1 +1,18 @@
-//! placeholder
+//! berth-agent: Berth's privileged node daemon.
+//!
+//! - [`datapath`]: loads, pins and adopts the eBPF tc programs and maps; attaches them to pods.
+//! - [`ipam`] and [`store`]: the node's pod addresses and the persisted endpoint registry.
+//! - [`core`]: request handling (Allocate, CreateEndpoint, Release, Check, GC, Status) behind one
+//!   lock, synchronous.
+//! - [`server`]: the async edge: the local API on the agent socket (gRPC + the CNI's framed
+//!   protocol).
+//! - [`config`]: settings from flags, environment and `/etc/berth/agent.toml`.
+pub mod config;
+pub mod core;
+pub mod datapath;
+pub mod error;
+pub mod ipam;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,512 @@
+//! The agent's request handling: IPAM, the endpoint registry and datapath programming, behind one
+//! lock. Plain synchronous code; the servers in [`crate::server`] call into it.
+use crate::{
+    datapath::Datapath,
+    error::{Error, Result},
+    ipam,
+    store::{self, EndpointRecord, EndpointState, State, Store},
+};
+use berth_ebpf_common::{EP_FLAG_READY, EndpointInfo};
+use berth_proto::agent::{
+    self as pb, AllocateRequest, AllocateResponse, Attachment, CheckRequest, CheckResponse,
+    CreateEndpointRequest, CreateEndpointResponse, GcRequest, GcResponse, LocalError,
+    LocalRequest, LocalResponse, ReleaseRequest, ReleaseResponse, StatusResponse, local_request::Op,
+    local_response,
+};
+use ipnet::Ipv4Net;
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+    sync::Mutex,
+    time::Instant,
+};
+
+/// Settings the core needs.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub mtu: u32,
+}
+
+struct Inner {
+    state: State,
+    store: Store,
+    dp: Box<dyn Datapath>,
+    queue_drained: u64,
+}
+
+/// The agent's state and logic.
+pub struct AgentCore {
+    cfg: CoreConfig,
+    inner: Mutex<Inner>,
+    started: Instant,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn attachment_of(a: &Option<Attachment>) -> Result<(String, String)> {
+    let a = a.as_ref().ok_or_else(|| Error::InvalidArgument("attachment is missing".into()))?;
+    if a.container_id.is_empty() || a.ifname.is_empty() {
+        return Err(Error::InvalidArgument("attachment needs container_id and ifname".into()));
+    }
+    Ok((a.container_id.clone(), a.ifname.clone()))
+}
+
+fn mac6(v: &[u8], what: &str) -> Result<[u8; 6]> {
+    v.try_into().map_err(|_| Error::InvalidArgument(format!("{what} must be 6 bytes, got {}", v.len())))
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl AgentCore {
+    /// Loads the persisted state and reconciles the datapath with it.
+    pub fn new(cfg: CoreConfig, store: Store, dp: Box<dyn Datapath>) -> Result<Self> {
+        ipam::validate_pod_cidr(&cfg.pod_cidr)?;
+        let mut state = store.load()?;
+        if state.next_endpoint_id == 0 {
+            state.next_endpoint_id = 1;
+        }
+        let cidr = cfg.pod_cidr.to_string();
+        if !state.pod_cidr.is_empty() && state.pod_cidr != cidr && !state.endpoints.is_empty() {
+            tracing::warn!(old = %state.pod_cidr, new = %cidr, "pod CIDR changed with endpoints still allocated; they keep their addresses until deleted");
+        }
+        state.pod_cidr = cidr;
+        let core = AgentCore { cfg, inner: Mutex::new(Inner { state, store, dp, queue_drained: 0 }), started: Instant::now() };
+        core.reconcile()?;
+        Ok(core)
+    }
+
+    /// Makes the datapath match the registry: endpoint entries for every ready endpoint whose
+    /// interface still exists, and (after a program upgrade) filters re-pointed at new programs.
+    fn reconcile(&self) -> Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        let reattach = inner.dp.needs_reattach();
+        let mut programmed = 0;
+        for ep in inner.state.endpoints.values() {
+            if ep.state != EndpointState::Ready {
+                continue;
+            }
+            let present = nix::net::if_::if_nametoindex(ep.host_ifname.as_str()).ok() == Some(ep.host_ifindex);
+            if !present {
+                tracing::warn!(endpoint = ep.id, ifname = %ep.host_ifname, "interface is gone; datapath entry removed, address kept until DEL or GC");
+                inner.dp.remove_endpoint(ep.address, ep.id)?;
+                continue;
+            }
+            if reattach {
+                inner.dp.attach(&ep.host_ifname)?;
+            }
+            inner.dp.upsert_endpoint(ep.address, endpoint_info(ep))?;
+            programmed += 1;
+        }
+        tracing::info!(endpoints = inner.state.endpoints.len(), programmed, reattached = reattach, "registry reconciled with datapath");
+        Ok(())
+    }
+
+    fn save(inner: &Inner) -> Result<()> {
+        inner.store.save(&inner.state)
+    }
+
+    /// Allocates (or returns the existing) address for an attachment.
+    pub fn allocate(&self, req: AllocateRequest) -> Result<AllocateResponse> {
+        let (cid, ifname) = attachment_of(&req.attachment)?;
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        let k = store::key(&cid, &ifname);
+        let address = if let Some(ep) = inner.state.endpoints.get(&k) {
+            ep.address
+        } else {
+            let used: BTreeSet<Ipv4Addr> = inner.state.endpoints.values().map(|e| e.address).collect();
+            let ip = ipam::next_free(&self.cfg.pod_cidr, &used, inner.state.last_allocated)?;
+            let pod = req.pod.unwrap_or_default();
+            let id = inner.state.next_endpoint_id;
+            inner.state.next_endpoint_id = id.checked_add(1).unwrap_or(1);
+            inner.state.last_allocated = Some(ip);
+            inner.state.endpoints.insert(
+                k,
+                EndpointRecord {
+                    id,
+                    container_id: cid.clone(),
+                    ifname: ifname.clone(),
+                    pod_namespace: pod.namespace,
+                    pod_name: pod.name,
+                    pod_uid: pod.uid,
+                    address: ip,
+                    netns: req.netns,
+                    state: EndpointState::Allocated,
+                    host_ifname: String::new(),
+                    host_ifindex: 0,
+                    pod_mac: [0; 6],
+                    host_mac: [0; 6],
+                    created_unix: now_unix(),
+                },
+            );
+            if let Err(e) = Self::save(inner) {
+                inner.state.endpoints.remove(&store::key(&cid, &ifname));
+                return Err(e);
+            }
+            tracing::info!(container = %cid, ifname = %ifname, address = %ip, endpoint = id, "address allocated");
+            ip
+        };
+        Ok(AllocateResponse {
+            address: format!("{address}/32"),
+            gateway: ipam::GATEWAY.to_string(),
+            mtu: self.cfg.mtu,
+            pod_cidr: self.cfg.pod_cidr.to_string(),
+        })
+    }
+
+    /// Programs the datapath for a plumbed attachment.
+    pub fn create_endpoint(&self, req: CreateEndpointRequest) -> Result<CreateEndpointResponse> {
+        let (cid, ifname) = attachment_of(&req.attachment)?;
+        if req.host_ifindex == 0 || req.host_ifname.is_empty() {
+            return Err(Error::InvalidArgument("host_ifindex and host_ifname are required".into()));
+        }
+        let pod_mac = mac6(&req.pod_mac, "pod_mac")?;
+        let host_mac = mac6(&req.host_mac, "host_mac")?;
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        let k = store::key(&cid, &ifname);
+        let Some(ep) = inner.state.endpoints.get(&k).cloned() else {
+            return Err(Error::NotFound(format!("no address allocated for {cid}/{ifname}; Allocate first")));
+        };
+        let mut ep = ep;
+        ep.host_ifname = req.host_ifname;
+        ep.host_ifindex = req.host_ifindex;
+        ep.pod_mac = pod_mac;
+        ep.host_mac = host_mac;
+        if !req.netns.is_empty() {
+            ep.netns = req.netns;
+        }
+        inner.dp.attach(&ep.host_ifname)?;
+        inner.dp.upsert_endpoint(ep.address, endpoint_info(&ep))?;
+        ep.state = EndpointState::Ready;
+        let id = ep.id;
+        tracing::info!(container = %cid, ifname = %ifname, endpoint = id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
+        inner.state.endpoints.insert(k, ep);
+        Self::save(inner)?;
+        Ok(CreateEndpointResponse { endpoint_id: id })
+    }
+
+    fn release_locked(inner: &mut Inner, cid: &str, ifname: &str) -> Result<bool> {
+        let k = store::key(cid, ifname);
+        let Some(ep) = inner.state.endpoints.get(&k).cloned() else {
+            return Ok(false);
+        };
+        inner.dp.remove_endpoint(ep.address, ep.id)?;
+        inner.state.endpoints.remove(&k);
+        Self::save(inner)?;
+        tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, address = %ep.address, "endpoint released");
+        Ok(true)
+    }
+
+    /// Releases an attachment's address and endpoint (idempotent).
+    pub fn release(&self, req: ReleaseRequest) -> Result<ReleaseResponse> {
+        let (cid, ifname) = attachment_of(&req.attachment)?;
+        let mut g = self.inner.lock().unwrap();
+        Ok(ReleaseResponse { released: Self::release_locked(&mut g, &cid, &ifname)? })
+    }
+
+    /// The endpoint of an attachment (CHECK).
+    pub fn check(&self, req: CheckRequest) -> Result<CheckResponse> {
+        let (cid, ifname) = attachment_of(&req.attachment)?;
+        let g = self.inner.lock().unwrap();
+        let ep = g
+            .state
+            .endpoints
+            .get(&store::key(&cid, &ifname))
+            .ok_or_else(|| Error::NotFound(format!("no endpoint for {cid}/{ifname}")))?;
+        Ok(CheckResponse { endpoint: Some(self.to_proto(&*g.dp, ep)) })
+    }
+
+    /// Releases every attachment not in `valid`.
+    pub fn gc(&self, req: GcRequest) -> Result<GcResponse> {
+        let valid: HashSet<(String, String)> =
+            req.valid.into_iter().map(|a| (a.container_id, a.ifname)).collect();
+        let mut g = self.inner.lock().unwrap();
+        let stale: Vec<(String, String)> = g
+            .state
+            .endpoints
+            .values()
+            .map(|e| (e.container_id.clone(), e.ifname.clone()))
+            .filter(|k| !valid.contains(k))
+            .collect();
+        let mut released = Vec::new();
+        let mut first_err = None;
+        for (cid, ifname) in stale {
+            match Self::release_locked(&mut g, &cid, &ifname) {
+                Ok(_) => released.push(Attachment { container_id: cid, ifname }),
+                Err(e) => {
+                    tracing::warn!(container = %cid, ifname = %ifname, error = %e, "GC: release failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        tracing::info!(released = released.len(), kept = valid.len(), "GC done");
+        match first_err {
+            Some(e) if released.is_empty() => Err(e),
+            _ => Ok(GcResponse { released }),
+        }
+    }
+
+    /// Applies the CNI plugin's delete queue (DELs made while the agent was down).
+    pub fn drain_delete_queue(&self, cni_state_dir: &Path) -> Result<u64> {
+        let dir = cni_state_dir.join("delete-queue");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
+        };
+        let mut drained = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let parsed = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            let pair = parsed.as_ref().and_then(|v| {
+                Some((v.get("containerID")?.as_str()?.to_string(), v.get("ifname")?.as_str()?.to_string()))
+            });
+            match pair {
+                Some((cid, ifname)) => {
+                    let mut g = self.inner.lock().unwrap();
+                    let released = Self::release_locked(&mut g, &cid, &ifname)?;
+                    tracing::info!(container = %cid, ifname = %ifname, released, "delete queue entry applied");
+                }
+                None => tracing::warn!(file = %path.display(), "unreadable delete queue entry dropped"),
+            }
+            std::fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+            drained += 1;
+        }
+        self.inner.lock().unwrap().queue_drained += drained;
+        Ok(drained)
+    }
+
+    /// Agent status.
+    pub fn status(&self) -> StatusResponse {
+        let g = self.inner.lock().unwrap();
+        let info = g.dp.info();
+        StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            node_name: self.cfg.node_name.clone(),
+            datapath: Some(pb::DatapathStatus {
+                loaded: info.loaded,
+                pin_root: info.pin_root,
+                programs: info.programs,
+                maps: info.maps,
+                adopted: info.adopted,
+            }),
+            ipam: Some(pb::IpamStatus {
+                pod_cidr: self.cfg.pod_cidr.to_string(),
+                capacity: ipam::capacity(&self.cfg.pod_cidr),
+                allocated: g.state.endpoints.len() as u32,
+            }),
+            endpoints: g.state.endpoints.len() as u32,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            delete_queue_drained: g.queue_drained,
+        }
+    }
+
+    /// Every endpoint with its counters.
+    pub fn list_endpoints(&self) -> Vec<pb::Endpoint> {
+        let g = self.inner.lock().unwrap();
+        g.state.endpoints.values().map(|e| self.to_proto(&*g.dp, e)).collect()
+    }
+
+    fn to_proto(&self, dp: &dyn Datapath, e: &EndpointRecord) -> pb::Endpoint {
+        let s = dp.stats(e.id);
+        pb::Endpoint {
+            id: e.id,
+            attachment: Some(Attachment { container_id: e.container_id.clone(), ifname: e.ifname.clone() }),
+            pod: Some(pb::PodRef {
+                namespace: e.pod_namespace.clone(),
+                name: e.pod_name.clone(),
+                uid: e.pod_uid.clone(),
+                infra_container_id: String::new(),
+            }),
+            address: format!("{}/32", e.address),
+            host_ifname: e.host_ifname.clone(),
+            host_ifindex: e.host_ifindex,
+            pod_mac: fmt_mac(&e.pod_mac),
+            host_mac: fmt_mac(&e.host_mac),
+            netns: e.netns.clone(),
+            state: match e.state {
+                EndpointState::Allocated => "allocated",
+                EndpointState::Ready => "ready",
+            }
+            .to_string(),
+            stats: Some(pb::EndpointStats {
+                tx_packets: s.tx_packets,
+                tx_bytes: s.tx_bytes,
+                rx_packets: s.rx_packets,
+                rx_bytes: s.rx_bytes,
+                drops: s.drops.into_iter().collect(),
+            }),
+            created_unix: e.created_unix,
+        }
+    }
+
+    /// Serves one request of the framed local protocol.
+    pub fn handle_local(&self, req: LocalRequest) -> LocalResponse {
+        use local_response::Result as R;
+        let result = match req.op {
+            None => Err(Error::InvalidArgument("empty request".into())),
+            Some(Op::Status(_)) => Ok(R::Status(self.status())),
+            Some(Op::Allocate(r)) => self.allocate(r).map(R::Allocate),
+            Some(Op::CreateEndpoint(r)) => self.create_endpoint(r).map(R::CreateEndpoint),
+            Some(Op::Release(r)) => self.release(r).map(R::Release),
+            Some(Op::Check(r)) => self.check(r).map(R::Check),
+            Some(Op::Gc(r)) => self.gc(r).map(R::Gc),
+        };
+        let result = result.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "local request failed");
+            R::Error(LocalError { code: e.local_code() as i32, message: e.to_string() })
+        });
+        LocalResponse { result: Some(result) }
+    }
+}
+
+fn endpoint_info(ep: &EndpointRecord) -> EndpointInfo {
+    EndpointInfo {
+        ifindex: ep.host_ifindex,
+        endpoint_id: ep.id,
+        flags: EP_FLAG_READY,
+        pod_mac: ep.pod_mac,
+        host_mac: ep.host_mac,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{Info, Stats};
+    use std::{collections::BTreeMap, sync::Arc};
+
+    #[derive(Default)]
+    struct FakeState {
+        entries: BTreeMap<Ipv4Addr, EndpointInfo>,
+        attached: Vec<String>,
+    }
+    struct Fake(Arc<Mutex<FakeState>>);
+    impl Datapath for Fake {
+        fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
+            self.0.lock().unwrap().entries.insert(ip, info);
+            Ok(())
+        }
+        fn remove_endpoint(&mut self, ip: Ipv4Addr, _: u32) -> Result<()> {
+            self.0.lock().unwrap().entries.remove(&ip);
+            Ok(())
+        }
+        fn attach(&mut self, ifname: &str) -> Result<()> {
+            self.0.lock().unwrap().attached.push(ifname.into());
+            Ok(())
+        }
+        fn stats(&self, _: u32) -> Stats {
+            Stats::default()
+        }
+        fn info(&self) -> Info {
+            Info { loaded: true, ..Info::default() }
+        }
+        fn needs_reattach(&self) -> bool {
+            false
+        }
+    }
+
+    fn core(dir: &Path, fake: Arc<Mutex<FakeState>>) -> AgentCore {
+        let cfg = CoreConfig { node_name: "n".into(), pod_cidr: "10.2.0.0/28".parse().unwrap(), mtu: 1500 };
+        AgentCore::new(cfg, Store::new(dir, false).unwrap(), Box::new(Fake(fake))).unwrap()
+    }
+
+    fn att(c: &str) -> Option<Attachment> {
+        Some(Attachment { container_id: c.into(), ifname: "eth0".into() })
+    }
+
+    fn alloc(core: &AgentCore, c: &str) -> Result<String> {
+        core.allocate(AllocateRequest { attachment: att(c), ..Default::default() }).map(|r| r.address)
+    }
+
+    #[test]
+    fn allocate_is_idempotent_and_persistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let a = alloc(&core(dir.path(), fake.clone()), "c1").unwrap();
+        let c = core(dir.path(), fake.clone());
+        assert_eq!(alloc(&c, "c1").unwrap(), a, "same attachment, same address after restart");
+        assert_ne!(alloc(&c, "c2").unwrap(), a);
+    }
+
+    #[test]
+    fn exhaustion_release_and_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        for i in 0..13 {
+            alloc(&c, &format!("c{i}")).unwrap();
+        }
+        assert!(matches!(alloc(&c, "c13"), Err(Error::Exhausted(_))));
+        assert!(c.release(ReleaseRequest { attachment: att("c0") }).unwrap().released);
+        assert!(!c.release(ReleaseRequest { attachment: att("c0") }).unwrap().released, "second release is a no-op");
+        alloc(&c, "c13").unwrap();
+        let r = c.gc(GcRequest { valid: vec![att("c1").unwrap(), att("c2").unwrap()] }).unwrap();
+        assert_eq!(r.released.len(), 11);
+        assert_eq!(c.status().ipam.unwrap().allocated, 2);
+    }
+
+    #[test]
+    fn create_endpoint_programs_datapath_and_release_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        let e = c
+            .create_endpoint(CreateEndpointRequest { attachment: att("x"), host_ifindex: 5, host_ifname: "bthx".into(), pod_mac: vec![2; 6], host_mac: vec![3; 6], netns: String::new() })
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        alloc(&c, "x").unwrap();
+        let bad = c.create_endpoint(CreateEndpointRequest { attachment: att("x"), host_ifindex: 5, host_ifname: "bthx".into(), pod_mac: vec![2; 5], host_mac: vec![3; 6], netns: String::new() });
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+        c.create_endpoint(CreateEndpointRequest { attachment: att("x"), host_ifindex: 5, host_ifname: "bthx".into(), pod_mac: vec![2; 6], host_mac: vec![3; 6], netns: String::new() })
+            .unwrap();
+        assert_eq!(fake.lock().unwrap().entries.len(), 1);
+        assert_eq!(fake.lock().unwrap().attached, vec!["bthx".to_string()]);
+        assert_eq!(c.check(CheckRequest { attachment: att("x") }).unwrap().endpoint.unwrap().state, "ready");
+        c.release(ReleaseRequest { attachment: att("x") }).unwrap();
+        assert!(fake.lock().unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn delete_queue_is_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let cni = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake);
+        alloc(&c, "q1").unwrap();
+        let q = cni.path().join("delete-queue");
+        std::fs::create_dir_all(&q).unwrap();
+        std::fs::write(q.join("q1_eth0.json"), r#"{"containerID":"q1","ifname":"eth0"}"#).unwrap();
+        std::fs::write(q.join("junk.json"), "nope").unwrap();
+        assert_eq!(c.drain_delete_queue(cni.path()).unwrap(), 2);
+        assert_eq!(c.status().ipam.unwrap().allocated, 0);
+        assert_eq!(std::fs::read_dir(&q).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn missing_attachment_is_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = core(dir.path(), Arc::new(Mutex::new(FakeState::default())));
+        let r = c.handle_local(LocalRequest { op: Some(Op::Allocate(AllocateRequest::default())) });
+        match r.result {
+            Some(local_response::Result::Error(e)) => assert_eq!(e.code(), pb::local_error::Code::InvalidArgument),
+            other => panic!("{other:?}"),
+        }
+    }
+}

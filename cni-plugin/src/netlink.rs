@@ -1,0 +1,279 @@
+//! A small synchronous rtnetlink client (netlink-packet-route messages over a netlink-sys
+//! socket): just the operations the plugin needs, without an async runtime.
+//!
+//! A netlink socket stays bound to the network namespace it was created in, so the plugin opens
+//! one in the host namespace and one inside the pod's namespace (see [`in_netns`]).
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage, AddressScope},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+/// A link as the plugin cares about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// A synchronous rtnetlink connection bound to one network namespace.
+pub struct Netlink {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the calling thread's current network namespace.
+    pub fn new() -> io::Result<Self> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        let _ = sock.set_ext_ack(true);
+        Ok(Netlink { sock, seq: 0, buf: vec![0; 64 * 1024] })
+    }
+
+    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        nl.finalize();
+        let mut out = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut out);
+        self.sock.send(&out, 0)?;
+
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut replies = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(replies),
+                            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(m) => {
+                        replies.push(m);
+                        if !dump && flags & NLM_F_ACK == 0 {
+                            return Ok(replies);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn link_from(msg: &LinkMessage) -> Link {
+        let mut link = Link { index: msg.header.index, name: String::new(), mac: [0; 6], mtu: 0 };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Address(m) if m.len() == 6 => link.mac.copy_from_slice(m),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                _ => {}
+            }
+        }
+        link
+    }
+
+    /// The link called `name`, if any.
+    pub fn link_by_name(&mut self, name: &str) -> io::Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK) {
+            Ok(replies) => Ok(replies.iter().find_map(|r| match r {
+                RouteNetlinkMessage::NewLink(l) => Some(Self::link_from(l)),
+                _ => None,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// All links of the namespace.
+    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        Ok(replies
+            .iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewLink(l) => Some(Self::link_from(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Creates a veth pair: `host_name` here, `peer_name` moved into the namespace `peer_netns`.
+    pub fn create_veth(
+        &mut self,
+        host_name: &str,
+        peer_name: &str,
+        peer_netns: BorrowedFd<'_>,
+        mtu: u32,
+    ) -> io::Result<()> {
+        let mut peer = LinkMessage::default();
+        peer.attributes.push(LinkAttribute::IfName(peer_name.to_string()));
+        peer.attributes.push(LinkAttribute::Mtu(mtu));
+        peer.attributes.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(host_name.to_string()));
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+
+    /// Brings link `index` up.
+    pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)?;
+        Ok(())
+    }
+
+    /// Deletes link `index`; `Ok(false)` when it was already gone.
+    pub fn delete_link(&mut self, index: u32) -> io::Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        match self.request(RouteNetlinkMessage::DelLink(msg), NLM_F_ACK) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the link called `name`; `Ok(false)` when there is none.
+    pub fn delete_link_by_name(&mut self, name: &str) -> io::Result<bool> {
+        match self.link_by_name(name)? {
+            Some(l) => self.delete_link(l.index),
+            None => Ok(false),
+        }
+    }
+
+    /// Adds `addr/prefix` to link `index` (replacing an identical one).
+    pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.header.scope = AddressScope::Universe;
+        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
+        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
+        self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        Ok(())
+    }
+
+    /// IPv4 addresses (with prefix length) on link `index`.
+    pub fn addresses(&mut self, index: u32) -> io::Result<Vec<(Ipv4Addr, u8)>> {
+        let mut req = AddressMessage::default();
+        req.header.family = AddressFamily::Inet;
+        let replies = self.request(RouteNetlinkMessage::GetAddress(req), NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        for r in replies {
+            if let RouteNetlinkMessage::NewAddress(a) = r
+                && a.header.index == index
+            {
+                for attr in &a.attributes {
+                    if let AddressAttribute::Local(IpAddr::V4(ip)) = attr {
+                        out.push((*ip, a.header.prefix_len));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds (or replaces) an IPv4 route `dst/prefix` out of `oif`, optionally via `gateway`.
+    pub fn add_route(
+        &mut self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = prefix;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = if gateway.is_some() { RouteScope::Universe } else { RouteScope::Link };
+        msg.header.kind = RouteType::Unicast;
+        if prefix > 0 {
+            msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        }
+        if let Some(gw) = gateway {
+            msg.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        Ok(())
+    }
+
+    /// Adds a permanent neighbour entry `ip → mac` on link `index`.
+    pub fn add_neighbour(&mut self, index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        msg.attributes.push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+        self.request(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        Ok(())
+    }
+}
+
+/// Runs `f` with the calling thread switched into the network namespace `netns`, then switches
+/// back (also when `f` fails). Sockets created inside stay bound to that namespace.
+pub fn in_netns<T>(netns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let host = std::fs::File::open("/proc/thread-self/ns/net")?;
+    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    let result = f();
+    nix::sched::setns(host.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(io::Error::from)
+        .expect("cannot return to the host network namespace");
+    result
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,414 @@
+//! The CNI verbs.
+use crate::{
+    client::{AgentClient, CallError},
+    config::{CURRENT_VERSION, Command, Env, NetConf, SUPPORTED_VERSIONS},
+    error::{Error, Result},
+    netlink::{Netlink, format_mac, in_netns},
+    queue,
+};
+use berth_proto::agent::{
+    AllocateRequest, Attachment, CheckRequest, CreateEndpointRequest, GcRequest, PodRef,
+    ReleaseRequest, StatusRequest, local_error::Code, local_request::Op, local_response,
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsFd,
+    time::Duration,
+};
+
+/// Prefix of every host-side veth Berth creates.
+pub const HOST_IF_PREFIX: &str = "bth";
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Deterministic host-side interface name of an attachment: `bth` + 12 hex digits of
+/// SHA-256(containerID/ifname). DEL and GC find leaked interfaces by recomputing it.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    let digest = Sha256::digest(format!("{container_id}/{ifname}").as_bytes());
+    format!("{HOST_IF_PREFIX}{}", &hex::encode(digest)[..12])
+}
+
+/// What one invocation prints on success (nothing for DEL, STATUS and GC).
+pub type Output = Option<Value>;
+
+/// Runs verb `cmd` with the environment `env` and stdin `input`.
+pub fn run(cmd: Command, env: &Env, input: &[u8]) -> Result<Output> {
+    if cmd == Command::Version {
+        return Ok(Some(version_json()));
+    }
+    let conf = NetConf::parse(input)?;
+    match cmd {
+        Command::Add => add(env, &conf).map(Some),
+        Command::Del => del(env, &conf).map(|_| None),
+        Command::Check => check(env, &conf).map(|_| None),
+        Command::Status => status(&conf).map(|_| None),
+        Command::Gc => gc(&conf).map(|_| None),
+        Command::Version => unreachable!(),
+    }
+}
+
+/// The VERSION answer.
+pub fn version_json() -> Value {
+    json!({"cniVersion": CURRENT_VERSION, "supportedVersions": SUPPORTED_VERSIONS})
+}
+
+fn attachment(env: &Env) -> Attachment {
+    Attachment { container_id: env.container_id.clone(), ifname: env.ifname.clone() }
+}
+
+fn connect(conf: &NetConf) -> Result<AgentClient> {
+    let socket = conf.agent_socket();
+    AgentClient::connect(&socket, AGENT_TIMEOUT)
+        .map_err(|e| Error::AgentUnreachable { socket, reason: e.to_string() })
+}
+
+fn agent_err(conf: &NetConf, e: CallError) -> Error {
+    match e {
+        CallError::Unreachable(io) => {
+            Error::AgentUnreachable { socket: conf.agent_socket(), reason: io.to_string() }
+        }
+        CallError::Agent(Code::Exhausted, m) => Error::Exhausted(m),
+        CallError::Agent(Code::NotFound, m) => Error::UnknownContainer(m),
+        CallError::Agent(Code::Unavailable, m) => {
+            Error::AgentUnreachable { socket: conf.agent_socket(), reason: m }
+        }
+        CallError::Agent(Code::InvalidArgument, m) => Error::InvalidConfig(m),
+        CallError::Agent(_, m) => Error::Agent(m),
+    }
+}
+
+fn open_netns(path: &str) -> Result<File> {
+    File::open(path).map_err(|e| Error::InvalidEnv(format!("CNI_NETNS={path:?} cannot be opened: {e}")))
+}
+
+/// A netlink socket inside the namespace at `netns`.
+fn pod_netlink(netns: &File) -> Result<Netlink> {
+    in_netns(netns.as_fd(), Netlink::new).map_err(|e| Error::io("open netlink in pod netns", e))
+}
+
+fn host_netlink() -> Result<Netlink> {
+    Netlink::new().map_err(|e| Error::io("open netlink", e))
+}
+
+fn add(env: &Env, conf: &NetConf) -> Result<Value> {
+    let netns_path = env.netns.clone().unwrap_or_default();
+    let netns = open_netns(&netns_path)?;
+    let mut pod_nl = pod_netlink(&netns)?;
+    if pod_nl.link_by_name(&env.ifname).map_err(|e| Error::io("look up interface", e))?.is_some() {
+        return Err(Error::InterfaceExists { ifname: env.ifname.clone(), netns: netns_path });
+    }
+    let mut client = connect(conf)?;
+    let pod = env.pod();
+    let alloc = match client.call(Op::Allocate(AllocateRequest {
+        attachment: Some(attachment(env)),
+        pod: Some(PodRef {
+            namespace: pod.namespace,
+            name: pod.name,
+            uid: pod.uid,
+            infra_container_id: pod.infra_container_id,
+        }),
+        netns: netns_path.clone(),
+    })) {
+        Ok(local_response::Result::Allocate(a)) => a,
+        Ok(_) => return Err(Error::Agent("unexpected response to Allocate".into())),
+        Err(e) => return Err(agent_err(conf, e)),
+    };
+    let host_name = host_ifname(&env.container_id, &env.ifname);
+    let mut host_nl = host_netlink()?;
+    match plumb(env, &netns, &mut host_nl, &mut pod_nl, &host_name, &alloc, &mut client) {
+        Ok(v) => Ok(add_prev_result(conf, v)),
+        Err(e) => {
+            // Undo: the interface pair and the address; DEL would do the same.
+            let _ = host_nl.delete_link_by_name(&host_name);
+            let _ = client.call(Op::Release(ReleaseRequest { attachment: Some(attachment(env)) }));
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plumb(
+    env: &Env,
+    netns: &File,
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    host_name: &str,
+    alloc: &berth_proto::agent::AllocateResponse,
+    client: &mut AgentClient,
+) -> Result<Value> {
+    let io = |ctx: &str| {
+        let ctx = ctx.to_string();
+        move |e| Error::io(ctx, e)
+    };
+    let (ip, prefix) = parse_cidr(&alloc.address)?;
+    let gateway: Ipv4Addr = alloc
+        .gateway
+        .parse()
+        .map_err(|_| Error::Agent(format!("agent returned bad gateway {:?}", alloc.gateway)))?;
+    let mtu = if alloc.mtu == 0 { 1500 } else { alloc.mtu };
+
+    // A host-side interface left by an ADD that crashed half-way.
+    host_nl.delete_link_by_name(host_name).map_err(io("remove stale host interface"))?;
+    host_nl
+        .create_veth(host_name, &env.ifname, netns.as_fd(), mtu)
+        .map_err(io("create veth pair"))?;
+    let host = host_nl
+        .link_by_name(host_name)
+        .map_err(io("look up host interface"))?
+        .ok_or_else(|| Error::io("look up host interface", std::io::ErrorKind::NotFound.into()))?;
+    host_nl.set_up(host.index).map_err(io("set host interface up"))?;
+
+    let pod = pod_nl
+        .link_by_name(&env.ifname)
+        .map_err(io("look up pod interface"))?
+        .ok_or_else(|| Error::io("look up pod interface", std::io::ErrorKind::NotFound.into()))?;
+    pod_nl.add_address(pod.index, ip, prefix).map_err(io("add pod address"))?;
+    pod_nl.set_up(pod.index).map_err(io("set pod interface up"))?;
+    pod_nl.add_route(gateway, 32, None, pod.index).map_err(io("add gateway route"))?;
+    pod_nl
+        .add_neighbour(pod.index, gateway, host.mac)
+        .map_err(io("add gateway neighbour"))?;
+    pod_nl
+        .add_route(Ipv4Addr::UNSPECIFIED, 0, Some(gateway), pod.index)
+        .map_err(io("add default route"))?;
+    host_nl.add_route(ip, 32, None, host.index).map_err(io("add host route to pod"))?;
+
+    match client.call(Op::CreateEndpoint(CreateEndpointRequest {
+        attachment: Some(attachment(env)),
+        host_ifindex: host.index,
+        host_ifname: host_name.to_string(),
+        pod_mac: pod.mac.to_vec(),
+        host_mac: host.mac.to_vec(),
+        netns: env.netns.clone().unwrap_or_default(),
+    })) {
+        Ok(local_response::Result::CreateEndpoint(_)) => {}
+        Ok(_) => return Err(Error::Agent("unexpected response to CreateEndpoint".into())),
+        Err(CallError::Unreachable(e)) => {
+            return Err(Error::AgentUnreachable {
+                socket: "agent".into(),
+                reason: format!("lost during CreateEndpoint: {e}"),
+            });
+        }
+        Err(CallError::Agent(_, m)) => return Err(Error::Agent(m)),
+    }
+
+    Ok(json!({
+        "cniVersion": CURRENT_VERSION,
+        "interfaces": [
+            {"name": host_name, "mac": format_mac(&host.mac), "mtu": mtu},
+            {"name": env.ifname, "mac": format_mac(&pod.mac), "mtu": mtu,
+             "sandbox": env.netns.clone().unwrap_or_default()},
+        ],
+        "ips": [{"address": alloc.address, "gateway": alloc.gateway, "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": alloc.gateway}],
+        "dns": {},
+    }))
+}
+
+/// Merges our result into `prevResult` when chained, and shapes it for the requested version.
+fn add_prev_result(conf: &NetConf, mut ours: Value) -> Value {
+    if let Some(prev) = &conf.prev_result {
+        let base = prev.get("interfaces").and_then(Value::as_array).map_or(0, Vec::len);
+        let mut merged = prev.clone();
+        for key in ["interfaces", "ips", "routes"] {
+            let mut items = merged.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+            for mut item in ours[key].as_array().cloned().unwrap_or_default() {
+                if key == "ips"
+                    && let Some(i) = item.get("interface").and_then(Value::as_u64)
+                {
+                    item["interface"] = json!(i as usize + base);
+                }
+                items.push(item);
+            }
+            merged[key] = json!(items);
+        }
+        if merged.get("dns").is_none() {
+            merged["dns"] = json!({});
+        }
+        ours = merged;
+    }
+    ours["cniVersion"] = json!(conf.cni_version);
+    if conf.legacy_result()
+        && let Some(ips) = ours.get_mut("ips").and_then(Value::as_array_mut)
+    {
+        for ip in ips {
+            ip["version"] = json!("4");
+        }
+    }
+    ours
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let bad = || Error::Agent(format!("agent returned bad address {s:?}"));
+    let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
+    Ok((ip.parse().map_err(|_| bad())?, prefix.parse().map_err(|_| bad())?))
+}
+
+fn del(env: &Env, conf: &NetConf) -> Result<()> {
+    // The interface first: deleting the host side removes the pair, also when the netns is gone.
+    let host_name = host_ifname(&env.container_id, &env.ifname);
+    let mut host_nl = host_netlink()?;
+    host_nl
+        .delete_link_by_name(&host_name)
+        .map_err(|e| Error::io(format!("delete {host_name}"), e))?;
+    let released = connect(conf).and_then(|mut c| {
+        c.call(Op::Release(ReleaseRequest { attachment: Some(attachment(env)) }))
+            .map_err(|e| agent_err(conf, e))
+    });
+    match released {
+        Ok(_) => Ok(()),
+        Err(Error::AgentUnreachable { .. }) => {
+            // Best effort and idempotent: queue the release for the agent's next start.
+            queue::enqueue(&conf.state_dir(), &env.container_id, &env.ifname)
+                .map_err(|e| Error::io("write delete queue", e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn check(env: &Env, conf: &NetConf) -> Result<()> {
+    let mut client = connect(conf)?;
+    let ep = match client.call(Op::Check(CheckRequest { attachment: Some(attachment(env)) })) {
+        Ok(local_response::Result::Check(c)) => c
+            .endpoint
+            .ok_or_else(|| Error::UnknownContainer(env.container_id.clone()))?,
+        Ok(_) => return Err(Error::Agent("unexpected response to Check".into())),
+        Err(e) => return Err(agent_err(conf, e)),
+    };
+    if ep.state != "ready" {
+        return Err(Error::CheckFailed(format!("endpoint {} is {}, not ready", ep.id, ep.state)));
+    }
+    let (ip, prefix) = parse_cidr(&ep.address)?;
+    let mut host_nl = host_netlink()?;
+    let host = host_nl
+        .link_by_name(&ep.host_ifname)
+        .map_err(|e| Error::io("look up host interface", e))?
+        .ok_or_else(|| Error::CheckFailed(format!("host interface {} is missing", ep.host_ifname)))?;
+    if host.index != ep.host_ifindex {
+        return Err(Error::CheckFailed(format!(
+            "host interface {} has index {}, endpoint expects {}",
+            ep.host_ifname, host.index, ep.host_ifindex
+        )));
+    }
+    let netns = open_netns(env.netns.as_deref().unwrap_or_default())?;
+    let mut pod_nl = pod_netlink(&netns)?;
+    let pod = pod_nl
+        .link_by_name(&env.ifname)
+        .map_err(|e| Error::io("look up pod interface", e))?
+        .ok_or_else(|| Error::CheckFailed(format!("interface {} is missing in the pod", env.ifname)))?;
+    let addrs = pod_nl.addresses(pod.index).map_err(|e| Error::io("list pod addresses", e))?;
+    if !addrs.contains(&(ip, prefix)) {
+        return Err(Error::CheckFailed(format!(
+            "interface {} lacks address {} (has {addrs:?})",
+            env.ifname, ep.address
+        )));
+    }
+    if let Some(prev) = &conf.prev_result {
+        let listed = prev
+            .get("ips")
+            .and_then(Value::as_array)
+            .is_some_and(|ips| ips.iter().any(|i| i.get("address") == Some(&json!(ep.address))));
+        if !listed {
+            return Err(Error::CheckFailed(format!("prevResult does not list {}", ep.address)));
+        }
+    }
+    Ok(())
+}
+
+fn status(conf: &NetConf) -> Result<()> {
+    let socket = conf.agent_socket();
+    let unavailable = |reason: String| Error::NotAvailable { socket: socket.clone(), reason };
+    let mut client =
+        AgentClient::connect(&socket, AGENT_TIMEOUT).map_err(|e| unavailable(e.to_string()))?;
+    match client.call(Op::Status(StatusRequest {})) {
+        Ok(local_response::Result::Status(s)) => {
+            let ipam = s.ipam.unwrap_or_default();
+            if ipam.capacity > 0 && ipam.allocated >= ipam.capacity {
+                return Err(unavailable(format!(
+                    "pod CIDR {} has no free address ({} of {} allocated)",
+                    ipam.pod_cidr, ipam.allocated, ipam.capacity
+                )));
+            }
+            if !s.datapath.unwrap_or_default().loaded {
+                return Err(unavailable("datapath not loaded".into()));
+            }
+            Ok(())
+        }
+        Ok(_) => Err(unavailable("unexpected response to Status".into())),
+        Err(CallError::Unreachable(e)) => Err(unavailable(e.to_string())),
+        Err(CallError::Agent(_, m)) => Err(unavailable(m)),
+    }
+}
+
+fn gc(conf: &NetConf) -> Result<()> {
+    let valid = conf.gc_valid();
+    let keep: HashSet<String> =
+        valid.iter().map(|a| host_ifname(&a.container_id, &a.ifname)).collect();
+    let mut first_err = None;
+    // Leaked host interfaces (e.g. an ADD killed half-way): every bth* link not kept.
+    match host_netlink().and_then(|mut nl| {
+        let links = nl.links().map_err(|e| Error::io("list links", e))?;
+        for l in links {
+            if l.name.starts_with(HOST_IF_PREFIX) && l.name.len() == 15 && !keep.contains(&l.name) {
+                if let Err(e) = nl.delete_link(l.index) {
+                    eprintln!("berth: GC: delete {}: {e}", l.name);
+                }
+            }
+        }
+        Ok(())
+    }) {
+        Ok(()) => {}
+        Err(e) => first_err = Some(e),
+    }
+    let req = GcRequest {
+        valid: valid
+            .iter()
+            .map(|a| Attachment { container_id: a.container_id.clone(), ifname: a.ifname.clone() })
+            .collect(),
+    };
+    if let Err(e) = connect(conf).and_then(|mut c| c.call(Op::Gc(req)).map_err(|e| agent_err(conf, e)))
+    {
+        first_err.get_or_insert(e);
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ifname_is_stable_and_short() {
+        let a = host_ifname("c1", "eth0");
+        assert_eq!(a, host_ifname("c1", "eth0"));
+        assert_ne!(a, host_ifname("c1", "eth1"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("bth"));
+    }
+
+    #[test]
+    fn chained_result_keeps_prev_and_shifts_interface_index() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"berth","prevResult":{"cniVersion":"1.0.0",
+               "interfaces":[{"name":"x"}],"ips":[{"address":"192.0.2.1/24","interface":0}]}}"#,
+        )
+        .unwrap();
+        let ours = json!({"cniVersion":"1.1.0","interfaces":[{"name":"h"},{"name":"eth0"}],
+            "ips":[{"address":"10.2.0.2/32","interface":1}],"routes":[],"dns":{}});
+        let out = add_prev_result(&conf, ours);
+        assert_eq!(out["cniVersion"], "1.0.0");
+        assert_eq!(out["interfaces"].as_array().unwrap().len(), 3);
+        assert_eq!(out["ips"][1]["interface"], 2);
+        assert_eq!(out["ips"][0]["address"], "192.0.2.1/24");
+    }
+
+    #[test]
+    fn legacy_versions_get_ip_version_field() {
+        let conf = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n","type":"berth"}"#).unwrap();
+        let out = add_prev_result(&conf, json!({"ips":[{"address":"10.2.0.2/32"}]}));
+        assert_eq!(out["ips"][0]["version"], "4");
+    }
+}
