@@ -22,9 +22,23 @@ fn main() {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
+    // konnectivity.proto's rpc `Connect` collides with the generated client's transport
+    // constructor `connect`, so it is compiled on its own without the transport helpers (clients
+    // are built from a `tonic::transport::Channel` instead).
+    let (konn, rest): (Vec<PathBuf>, Vec<PathBuf>) = files
+        .into_iter()
+        .partition(|f| f.file_name().is_some_and(|n| n == "konnectivity.proto"));
     tonic_prost_build::configure()
         .build_client(grpc)
         .build_server(grpc)
-        .compile_protos(&files, &[root])
+        .compile_protos(&rest, std::slice::from_ref(&root))
         .expect("compile protos (is protoc installed? run scripts/bootstrap.sh)");
+    if !konn.is_empty() {
+        tonic_prost_build::configure()
+            .build_client(grpc)
+            .build_server(grpc)
+            .build_transport(false)
+            .compile_protos(&konn, &[root])
+            .expect("compile konnectivity.proto");
+    }
 }

@@ -1,0 +1,370 @@
+//! `berth-controlplane serve`: the tunnel server (agents on TCP, frontends on unix sockets), the
+//! node API, the lifecycle controller and the status/admin HTTP endpoint, in one process.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use berth_proto::{
+    konnectivity::{
+        agent_service_server::AgentServiceServer, proxy_service_server::ProxyServiceServer,
+    },
+    node::node_service_server::NodeServiceServer,
+};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::{mpsc, watch},
+};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::{
+    Error, Result,
+    lifecycle::{LifecycleConfig, Plan, ProvisionRequest, Registry, Timers, service::NodeSvc},
+    tunnel::{
+        DEFAULT_WINDOW, TunnelConfig, TunnelServer, agent::AgentSvc, connect, proxy::ProxySvc,
+    },
+};
+
+/// Largest gRPC message accepted from an agent (a DATA payload above [`crate::tunnel::MAX_DATA_BYTES`]
+/// closes only its stream; a message above this ends the agent's connection, which reconnects).
+pub const MAX_GRPC_MESSAGE: usize = 16 << 20;
+
+/// Flags of `berth-controlplane serve`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address agents connect to (Konnectivity AgentService + Berth NodeService).
+    #[arg(long, default_value = "127.0.0.1:8091", env = "BERTH_AGENT_LISTEN")]
+    pub agent_listen: SocketAddr,
+    /// Unix socket of the gRPC ProxyService frontend (kube-apiserver's `grpc` mode).
+    #[arg(long)]
+    pub proxy_uds: Option<PathBuf>,
+    /// Unix socket of the HTTP CONNECT frontend (kube-apiserver's `http-connect` mode).
+    #[arg(long)]
+    pub connect_uds: Option<PathBuf>,
+    /// Loopback TCP address of the gRPC ProxyService frontend (local tools and benchmarks only).
+    #[arg(long)]
+    pub proxy_listen: Option<SocketAddr>,
+    /// Status / admin HTTP endpoint (GET /healthz, GET /v1/status, POST /v1/...).
+    #[arg(long, default_value = "127.0.0.1:8092")]
+    pub status_listen: SocketAddr,
+    /// This replica's ID (`serverid`).
+    #[arg(long, default_value = "berth-server-1")]
+    pub server_id: String,
+    /// Number of replicas behind the agents' server address (`servercount`).
+    #[arg(long, default_value_t = 1)]
+    pub server_count: u32,
+    /// File(s) of accepted agent bearer tokens, one per line. Never logged.
+    #[arg(long = "token-file", required = true)]
+    pub token_files: Vec<PathBuf>,
+    /// Per-stream credit window offered to Berth agents (0 disables the extension).
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
+    pub window: u32,
+    /// How long a frontend waits for the agent's DIAL_RSP.
+    #[arg(long, default_value_t = 10_000)]
+    pub dial_timeout_ms: u64,
+    /// Plan of the cluster (auto-healing: free = reinstall in place, standard = replace).
+    #[arg(long, value_enum, default_value = "free")]
+    pub plan: Plan,
+    #[arg(long, default_value_t = 10_000)]
+    pub heartbeat_interval_ms: u64,
+    #[arg(long, default_value_t = 40_000)]
+    pub heartbeat_grace_ms: u64,
+    /// NotReady for this long → auto-heal (10 minutes).
+    #[arg(long, default_value_t = 600_000)]
+    pub autoheal_after_ms: u64,
+    /// PodDisruptionBudgets are respected for at most this long (10 minutes).
+    #[arg(long, default_value_t = 600_000)]
+    pub drain_timeout_ms: u64,
+    #[arg(long, default_value_t = 5_000)]
+    pub pod_start_ms: u64,
+    #[arg(long, default_value_t = 1_000)]
+    pub tick_ms: u64,
+    /// Command run (with `sh -c`) for each provisioning request; it gets BERTH_ACTION,
+    /// BERTH_INSTANCE_ID, BERTH_NODE_NAME, BERTH_POOL, BERTH_FLAVOR, BERTH_ZONE, BERTH_VERSION.
+    /// Without it, requests stay listed as pending actions in the status view.
+    #[arg(long)]
+    pub provision_hook: Option<String>,
+}
+
+impl ServeArgs {
+    /// Defaults for an in-process control plane (tests): ephemeral loopback ports.
+    pub fn local(token: &str) -> (Self, Vec<String>) {
+        let args = Self {
+            agent_listen: "127.0.0.1:0".parse().expect("addr"),
+            proxy_uds: None,
+            connect_uds: None,
+            proxy_listen: None,
+            status_listen: "127.0.0.1:0".parse().expect("addr"),
+            server_id: "berth-server-1".into(),
+            server_count: 1,
+            token_files: Vec::new(),
+            window: DEFAULT_WINDOW,
+            dial_timeout_ms: 10_000,
+            plan: Plan::Free,
+            heartbeat_interval_ms: 10_000,
+            heartbeat_grace_ms: 40_000,
+            autoheal_after_ms: 600_000,
+            drain_timeout_ms: 600_000,
+            pod_start_ms: 5_000,
+            tick_ms: 1_000,
+            provision_hook: None,
+        };
+        (args, vec![token.to_string()])
+    }
+
+    fn timers(&self) -> Timers {
+        Timers {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            heartbeat_grace: Duration::from_millis(self.heartbeat_grace_ms),
+            autoheal_after: Duration::from_millis(self.autoheal_after_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            pod_start: Duration::from_millis(self.pod_start_ms),
+            tick: Duration::from_millis(self.tick_ms.max(10)),
+        }
+    }
+}
+
+/// Reads bearer tokens (one per line, `#` comments) from files.
+pub fn read_tokens(files: &[PathBuf]) -> Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Error::Config(format!("token file {}: {e}", f.display())))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    if tokens.is_empty() {
+        return Err(Error::Config("no agent token configured".into()));
+    }
+    Ok(tokens)
+}
+
+/// A running control plane.
+pub struct Running {
+    pub tunnel: Arc<TunnelServer>,
+    pub registry: Arc<Registry>,
+    pub agent_addr: SocketAddr,
+    pub status_addr: SocketAddr,
+    pub proxy_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops every server task and waits for them.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+fn bind_uds(path: &PathBuf) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Binds every listener and starts the servers. Provisioning requests are returned on the
+/// receiver (the binary runs the hook on them; tests play the cloud).
+pub async fn start(
+    args: &ServeArgs,
+    tokens: Vec<String>,
+) -> Result<(Running, mpsc::UnboundedReceiver<ProvisionRequest>)> {
+    if tokens.is_empty() {
+        return Err(Error::Config("no agent token configured".into()));
+    }
+    if let Some(a) = args.proxy_listen
+        && !a.ip().is_loopback()
+    {
+        return Err(Error::Config(
+            "--proxy-listen is unauthenticated and only allowed on loopback".into(),
+        ));
+    }
+    let tunnel = TunnelServer::new(TunnelConfig {
+        server_id: args.server_id.clone(),
+        server_count: args.server_count.max(1),
+        tokens,
+        dial_timeout: Duration::from_millis(args.dial_timeout_ms),
+        window: args.window,
+    });
+    let (prov_tx, prov_rx) = mpsc::unbounded_channel();
+    let registry = Registry::new(
+        LifecycleConfig {
+            plan: args.plan,
+            timers: args.timers(),
+            server_id: args.server_id.clone(),
+        },
+        prov_tx,
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let agent_listener = TcpListener::bind(args.agent_listen).await?;
+    let agent_addr = agent_listener.local_addr()?;
+    let agent_svc = AgentServiceServer::new(AgentSvc {
+        server: tunnel.clone(),
+    })
+    .max_decoding_message_size(MAX_GRPC_MESSAGE);
+    let node_svc = NodeServiceServer::new(NodeSvc {
+        registry: registry.clone(),
+        tunnel: tunnel.clone(),
+    });
+    let mut sd = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(agent_svc)
+            .add_service(node_svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(agent_listener), async move {
+                let _ = sd.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!("agent server: {e}");
+        }
+    }));
+
+    let proxy_server = || {
+        ProxyServiceServer::new(ProxySvc {
+            server: tunnel.clone(),
+        })
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+    };
+    if let Some(path) = &args.proxy_uds {
+        let l = bind_uds(path)?;
+        let svc = proxy_server();
+        let mut sd = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), async move {
+                    let _ = sd.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("proxy frontend: {e}");
+            }
+        }));
+    }
+    let mut proxy_addr = None;
+    if let Some(addr) = args.proxy_listen {
+        let l = TcpListener::bind(addr).await?;
+        proxy_addr = Some(l.local_addr()?);
+        let svc = proxy_server();
+        let mut sd = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                    let _ = sd.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("proxy frontend: {e}");
+            }
+        }));
+    }
+    if let Some(path) = &args.connect_uds {
+        let l = bind_uds(path)?;
+        tasks.push(tokio::spawn(connect::serve(
+            tunnel.clone(),
+            l,
+            shutdown_rx.clone(),
+        )));
+    }
+    let status_listener = TcpListener::bind(args.status_listen).await?;
+    let status_addr = status_listener.local_addr()?;
+    tasks.push(tokio::spawn(crate::status::serve(
+        status_listener,
+        tunnel.clone(),
+        registry.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(registry.clone().run(shutdown_rx.clone())));
+    tracing::info!(%agent_addr, %status_addr, server_id = %args.server_id, "control plane listening");
+    Ok((
+        Running {
+            tunnel,
+            registry,
+            agent_addr,
+            status_addr,
+            proxy_addr,
+            shutdown,
+            tasks,
+        },
+        prov_rx,
+    ))
+}
+
+async fn run_hook(hook: String, req: ProvisionRequest) {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c").arg(&hook);
+    let (action, id, name) = match &req {
+        ProvisionRequest::Reinstall {
+            instance_id,
+            node_name,
+        } => ("reinstall", instance_id, node_name),
+        ProvisionRequest::Delete {
+            instance_id,
+            node_name,
+        } => ("delete", instance_id, node_name),
+        ProvisionRequest::Create {
+            instance_id,
+            node_name,
+            pool,
+            flavor,
+            zone,
+            version,
+            ..
+        } => {
+            cmd.env("BERTH_POOL", pool)
+                .env("BERTH_FLAVOR", flavor)
+                .env("BERTH_ZONE", zone)
+                .env("BERTH_VERSION", version);
+            ("create", instance_id, node_name)
+        }
+    };
+    cmd.env("BERTH_ACTION", action)
+        .env("BERTH_INSTANCE_ID", id)
+        .env("BERTH_NODE_NAME", name)
+        .kill_on_drop(true);
+    match cmd.status().await {
+        Ok(s) if s.success() => tracing::info!(action, node = %name, "provision hook done"),
+        Ok(s) => tracing::warn!(action, node = %name, "provision hook failed: {s}"),
+        Err(e) => tracing::warn!(action, node = %name, "provision hook: {e}"),
+    }
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run_until_signal(args: ServeArgs) -> Result<()> {
+    let tokens = read_tokens(&args.token_files)?;
+    let (running, mut prov_rx) = start(&args, tokens).await?;
+    let hook = args.provision_hook.clone();
+    tokio::spawn(async move {
+        while let Some(req) = prov_rx.recv().await {
+            match &hook {
+                Some(h) => {
+                    tokio::spawn(run_hook(h.clone(), req));
+                }
+                None => tracing::info!(?req, "provisioning request (no hook: listed as pending)"),
+            }
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
