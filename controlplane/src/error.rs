@@ -10,6 +10,24 @@ pub enum Error {
     /// The OpenStack simulator's storage backend (sparse files, loop devices, by-id links).
     #[error("simulator backend: {0}")]
     Backend(String),
+    /// A tunnel stream or agent connection failed.
+    #[error("tunnel: {0}")]
+    Tunnel(String),
+    /// No connected agent serves the requested destination.
+    #[error("{0}")]
+    NoAgent(String),
+    /// The agent refused or failed the dial (DIAL_RSP error).
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// gRPC transport (serving the tunnel / node API).
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Node lifecycle (unknown node, invalid request).
+    #[error("lifecycle: {0}")]
+    Lifecycle(String),
+    /// HTTP status/admin client.
+    #[error("http: {0}")]
+    Http(String),
 }
 
 /// Result alias for the control plane.

@@ -2,6 +2,9 @@
 //!
 //! - [`agent`]: Berth's local agent API (`berth.agent.v1`), served on the agent's unix socket to
 //!   the CNI plugin and `berthctl`.
+//! - [`konnectivity`]: the Konnectivity agent and client protocols (no proto package:
+//!   `/AgentService/Connect`, `/ProxyService/Proxy`).
+//! - [`node`]: Berth's node API (`berth.node.v1`): registration, heartbeats, lifecycle commands.
 //! - [`csi`]: the Container Storage Interface (`csi.v1`, wire shape of CSI spec v1.12), served by
 //!   `berth-csi`.
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -14,4 +17,14 @@ pub mod agent {
 /// Container Storage Interface (`csi.v1`), wire shape of CSI spec v1.12.
 pub mod csi {
     include!(concat!(env!("OUT_DIR"), "/csi.v1.rs"));
+}
+
+/// The Konnectivity protocol (package-less proto: `/AgentService/Connect`, `/ProxyService/Proxy`).
+pub mod konnectivity {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
+/// Berth's node API (`berth.node.v1`): registration, heartbeats and lifecycle commands.
+pub mod node {
+    include!(concat!(env!("OUT_DIR"), "/berth.node.v1.rs"));
 }
