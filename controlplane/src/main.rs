@@ -22,6 +22,8 @@ enum Command {
     Status(berth_controlplane::status::StatusArgs),
     /// Ask a running control plane for an action (upgrade, drain, pods and PDBs of the model).
     Admin(berth_controlplane::status::AdminArgs),
+    /// Run the OpenStack API simulator (Keystone, Cinder, Nova, metadata) on loop devices.
+    Openstack(berth_controlplane::openstack::OpenStackArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +48,9 @@ fn main() -> anyhow::Result<()> {
                 .context("status")?;
             print!("{out}");
         }
+        Command::Openstack(args) => rt
+            .block_on(berth_controlplane::openstack::serve(args))
+            .context("openstack simulator")?,
         Command::Admin(args) => {
             let out = rt
                 .block_on(berth_controlplane::status::run_admin(&args))

@@ -91,13 +91,31 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/volume/", get(cinder_versions))
         .route("/volume/v3", get(cinder_versions))
         .route("/volume/v3/", get(cinder_versions))
-        .route("/volume/v3/{project}/volumes", post(create_volume).get(list_volumes_summary))
-        .route("/volume/v3/{project}/volumes/detail", get(list_volumes_detail))
-        .route("/volume/v3/{project}/volumes/{id}", get(show_volume).delete(delete_volume))
-        .route("/volume/v3/{project}/volumes/{id}/action", post(volume_action))
-        .route("/volume/v3/{project}/snapshots", post(create_snapshot).get(list_snapshots))
+        .route(
+            "/volume/v3/{project}/volumes",
+            post(create_volume).get(list_volumes_summary),
+        )
+        .route(
+            "/volume/v3/{project}/volumes/detail",
+            get(list_volumes_detail),
+        )
+        .route(
+            "/volume/v3/{project}/volumes/{id}",
+            get(show_volume).delete(delete_volume),
+        )
+        .route(
+            "/volume/v3/{project}/volumes/{id}/action",
+            post(volume_action),
+        )
+        .route(
+            "/volume/v3/{project}/snapshots",
+            post(create_snapshot).get(list_snapshots),
+        )
         .route("/volume/v3/{project}/snapshots/detail", get(list_snapshots))
-        .route("/volume/v3/{project}/snapshots/{id}", get(show_snapshot).delete(delete_snapshot))
+        .route(
+            "/volume/v3/{project}/snapshots/{id}",
+            get(show_snapshot).delete(delete_snapshot),
+        )
         .route("/volume/v3/{project}/types", get(list_types))
         .route("/compute", get(nova_versions))
         .route("/compute/", get(nova_versions))
@@ -113,7 +131,10 @@ pub fn router(sim: Arc<Sim>) -> Router {
             get(show_attachment).delete(detach),
         )
         .route("/openstack/latest/meta_data.json", get(default_metadata))
-        .route("/metadata/{instance}/openstack/latest/meta_data.json", get(instance_metadata))
+        .route(
+            "/metadata/{instance}/openstack/latest/meta_data.json",
+            get(instance_metadata),
+        )
         .route("/sim/faults", post(set_faults).get(get_faults))
         .route("/sim/stats", get(stats))
         .with_state(sim)
@@ -151,7 +172,10 @@ async fn keystone_versions(State(sim): S) -> ApiResult {
 }
 
 async fn keystone_version(State(sim): S) -> ApiResult {
-    ok_json(StatusCode::OK, json!({"version": keystone_version_doc(&sim)}))
+    ok_json(
+        StatusCode::OK,
+        json!({"version": keystone_version_doc(&sim)}),
+    )
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -228,7 +252,8 @@ async fn issue_token(State(sim): S, body: Bytes) -> ApiResult {
     let expires = now + c.token_ttl;
     {
         let mut st = sim.state.lock().expect("sim lock");
-        st.tokens.insert(token.clone(), Instant::now() + c.token_ttl);
+        st.tokens
+            .insert(token.clone(), Instant::now() + c.token_ttl);
         st.stats.tokens_issued += 1;
     }
     let ep = |kind: &str, url: String| {
@@ -305,7 +330,10 @@ fn cinder_version_doc(sim: &Sim) -> Value {
 }
 
 async fn cinder_versions(State(sim): S) -> ApiResult {
-    ok_json(StatusCode::OK, json!({"versions": [cinder_version_doc(&sim)]}))
+    ok_json(
+        StatusCode::OK,
+        json!({"versions": [cinder_version_doc(&sim)]}),
+    )
 }
 
 /// Parses `OpenStack-API-Version: volume 3.X` (also the older `X-OpenStack-Volume-API-Version`).
@@ -382,17 +410,23 @@ async fn create_volume(
 ) -> ApiResult {
     let mv = cinder_guard(&sim, &headers, &project)?;
     let req = parse_body(&body)?;
-    let v = req
-        .get("volume")
-        .ok_or_else(|| ApiFault::bad_request("Missing required element 'volume' in request body."))?;
+    let v = req.get("volume").ok_or_else(|| {
+        ApiFault::bad_request("Missing required element 'volume' in request body.")
+    })?;
     let c = &sim.cfg;
     let mut st = sim.state.lock().expect("sim lock");
     st.stats.cinder_create_requests += 1;
     if st.take_500("create_volume") {
         return Err(ApiFault::internal("Injected fault: create_volume"));
     }
-    let snapshot_id = v.get("snapshot_id").and_then(Value::as_str).map(str::to_string);
-    let source_volid = v.get("source_volid").and_then(Value::as_str).map(str::to_string);
+    let snapshot_id = v
+        .get("snapshot_id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let source_volid = v
+        .get("source_volid")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let source_size = if let Some(s) = &snapshot_id {
         let snap = st
             .snapshots
@@ -491,8 +525,15 @@ async fn create_volume(
     let vol = Volume {
         seq: st.next_seq(),
         id: id.clone(),
-        name: v.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
-        description: v.get("description").and_then(Value::as_str).map(str::to_string),
+        name: v
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        description: v
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         size,
         status: "creating".into(),
         volume_type,
@@ -535,7 +576,10 @@ async fn create_volume(
             };
         }
     });
-    Ok(with_microversion(ok_json(StatusCode::ACCEPTED, json!({"volume": out}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::ACCEPTED, json!({"volume": out}))?,
+        mv,
+    ))
 }
 
 fn page<T, F: Fn(&T) -> &str>(
@@ -584,7 +628,10 @@ async fn list_volumes_detail(
         .iter()
         .map(|v| v.to_json(&sim.cfg.project_id))
         .collect();
-    Ok(with_microversion(ok_json(StatusCode::OK, json!({"volumes": vols}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::OK, json!({"volumes": vols}))?,
+        mv,
+    ))
 }
 
 async fn list_volumes_summary(
@@ -598,7 +645,10 @@ async fn list_volumes_summary(
         .iter()
         .map(|v| json!({"id": v.id, "name": v.name, "links": []}))
         .collect();
-    Ok(with_microversion(ok_json(StatusCode::OK, json!({"volumes": vols}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::OK, json!({"volumes": vols}))?,
+        mv,
+    ))
 }
 
 async fn show_volume(
@@ -617,7 +667,10 @@ async fn show_volume(
         .ok_or_else(|| ApiFault::not_found(format!("Volume {id} could not be found.")))?;
     let out = v.to_json(&sim.cfg.project_id);
     drop(st);
-    Ok(with_microversion(ok_json(StatusCode::OK, json!({"volume": out}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::OK, json!({"volume": out}))?,
+        mv,
+    ))
 }
 
 async fn delete_volume(
@@ -635,8 +688,10 @@ async fn delete_volume(
         .volumes
         .get_mut(&id)
         .ok_or_else(|| ApiFault::not_found(format!("Volume {id} could not be found.")))?;
-    if !matches!(v.status.as_str(), "available" | "error" | "error_restoring" | "error_extending")
-    {
+    if !matches!(
+        v.status.as_str(),
+        "available" | "error" | "error_restoring" | "error_extending"
+    ) {
         return Err(ApiFault::bad_request(format!(
             "Invalid volume: Volume status must be available or error or error_restoring or error_extending or error_managing and must not be migrating, attached, belong to a group, have snapshots or be disassociated from snapshots after volume transfer. (status {})",
             v.status
@@ -692,7 +747,9 @@ async fn volume_action(
         _ => None,
     }
     .filter(|n| *n > 0)
-    .ok_or_else(|| ApiFault::bad_request("Invalid input received: new_size must be a positive integer"))?;
+    .ok_or_else(|| {
+        ApiFault::bad_request("Invalid input received: new_size must be a positive integer")
+    })?;
     let mut st = sim.state.lock().expect("sim lock");
     if st.take_500("extend") {
         return Err(ApiFault::internal("Injected fault: extend"));
@@ -720,7 +777,9 @@ async fn volume_action(
         return Err(ApiFault::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "overLimit",
-            format!("VolumeSizeExceedsAvailableQuota: Requested {new_size}G, quota is {quota}G and {used}G has been consumed."),
+            format!(
+                "VolumeSizeExceedsAvailableQuota: Requested {new_size}G, quota is {quota}G and {used}G has been consumed."
+            ),
         ));
     }
     let back_to = v.status.clone();
@@ -764,9 +823,9 @@ async fn create_snapshot(
 ) -> ApiResult {
     let mv = cinder_guard(&sim, &headers, &project)?;
     let req = parse_body(&body)?;
-    let s = req
-        .get("snapshot")
-        .ok_or_else(|| ApiFault::bad_request("Missing required element 'snapshot' in request body."))?;
+    let s = req.get("snapshot").ok_or_else(|| {
+        ApiFault::bad_request("Missing required element 'snapshot' in request body.")
+    })?;
     let volume_id = s
         .get("volume_id")
         .and_then(Value::as_str)
@@ -802,7 +861,11 @@ async fn create_snapshot(
     let snap = Snapshot {
         seq: st.next_seq(),
         id: uuid::Uuid::new_v4().to_string(),
-        name: s.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
+        name: s
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         volume_id: volume_id.clone(),
         size,
         status: "creating".into(),
@@ -831,7 +894,10 @@ async fn create_snapshot(
             };
         }
     });
-    Ok(with_microversion(ok_json(StatusCode::ACCEPTED, json!({"snapshot": out}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::ACCEPTED, json!({"snapshot": out}))?,
+        mv,
+    ))
 }
 
 async fn list_snapshots(
@@ -858,7 +924,10 @@ async fn list_snapshots(
         .iter()
         .map(Snapshot::to_json)
         .collect();
-    Ok(with_microversion(ok_json(StatusCode::OK, json!({"snapshots": snaps}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::OK, json!({"snapshots": snaps}))?,
+        mv,
+    ))
 }
 
 async fn show_snapshot(
@@ -874,7 +943,10 @@ async fn show_snapshot(
         .ok_or_else(|| ApiFault::not_found(format!("Snapshot {id} could not be found.")))?;
     let out = s.to_json();
     drop(st);
-    Ok(with_microversion(ok_json(StatusCode::OK, json!({"snapshot": out}))?, mv))
+    Ok(with_microversion(
+        ok_json(StatusCode::OK, json!({"snapshot": out}))?,
+        mv,
+    ))
 }
 
 async fn delete_snapshot(
@@ -931,7 +1003,10 @@ fn nova_version_doc(sim: &Sim) -> Value {
 }
 
 async fn nova_versions(State(sim): S) -> ApiResult {
-    ok_json(StatusCode::OK, json!({"versions": [nova_version_doc(&sim)]}))
+    ok_json(
+        StatusCode::OK,
+        json!({"versions": [nova_version_doc(&sim)]}),
+    )
 }
 
 async fn nova_version(State(sim): S) -> ApiResult {
@@ -978,7 +1053,11 @@ async fn list_attachments(State(sim): S, Path(id): Path<String>, headers: Header
     authorize(&sim, &headers, None)?;
     instance(&sim, &id)?;
     let st = sim.state.lock().expect("sim lock");
-    let list: Vec<Value> = st.attachments_of(&id).into_iter().map(attachment_json).collect();
+    let list: Vec<Value> = st
+        .attachments_of(&id)
+        .into_iter()
+        .map(attachment_json)
+        .collect();
     drop(st);
     ok_json(StatusCode::OK, json!({"volumeAttachments": list}))
 }
@@ -1014,7 +1093,9 @@ async fn attach(
     let volume_id = req
         .pointer("/volumeAttachment/volumeId")
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiFault::bad_request("Invalid input for field/attribute volumeAttachment."))?
+        .ok_or_else(|| {
+            ApiFault::bad_request("Invalid input for field/attribute volumeAttachment.")
+        })?
         .to_string();
     instance(&sim, &server)?;
     let max = sim.cfg.max_attachments_per_instance;
@@ -1042,8 +1123,7 @@ async fn attach(
             v.status
         )));
     }
-    if v.availability_zone != instance(&sim, &server)?.availability_zone
-        && !sim.cfg.cross_az_attach
+    if v.availability_zone != instance(&sim, &server)?.availability_zone && !sim.cfg.cross_az_attach
     {
         return Err(ApiFault::bad_request(format!(
             "Invalid volume: Server and volumes are not in the same availability zone. Server is in: {}. Volumes are in: {}",
@@ -1055,7 +1135,9 @@ async fn attach(
         return Err(ApiFault::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("The maximum allowed number of disk devices ({max}) to attach to a single instance has been exceeded."),
+            format!(
+                "The maximum allowed number of disk devices ({max}) to attach to a single instance has been exceeded."
+            ),
         ));
     }
     let lose = if st.faults.lose_attach > 0 {
@@ -1090,7 +1172,9 @@ async fn attach(
         let mut st = sim2.state.lock().expect("sim lock");
         st.inflight -= 1;
         let closed = st.closed;
-        let Some(v) = st.volumes.get_mut(&volume_id) else { return };
+        let Some(v) = st.volumes.get_mut(&volume_id) else {
+            return;
+        };
         match res {
             Some(Ok(Ok(dev))) if !closed => {
                 v.loop_dev = Some(dev);
@@ -1134,7 +1218,9 @@ async fn detach(
         .get_mut(&volume_id)
         .filter(|v| v.attachment.as_ref().is_some_and(|a| a.server_id == server))
         .ok_or_else(|| {
-            ApiFault::not_found(format!("volume_id not found: {volume_id} on instance {server}"))
+            ApiFault::not_found(format!(
+                "volume_id not found: {volume_id} on instance {server}"
+            ))
         })?;
     if v.status != "in-use" {
         return Err(ApiFault::new(
@@ -1189,7 +1275,9 @@ fn metadata_doc(sim: &Sim, id: &str) -> ApiResult {
         .attachments_of(id)
         .iter()
         .filter(|v| v.status == "in-use")
-        .map(|v| json!({"type": "disk", "bus": "virtio", "serial": v.id, "address": "", "tags": []}))
+        .map(
+            |v| json!({"type": "disk", "bus": "virtio", "serial": v.id, "address": "", "tags": []}),
+        )
         .collect();
     drop(st);
     ok_json(
@@ -1218,14 +1306,23 @@ async fn set_faults(State(sim): S, body: Bytes) -> ApiResult {
     let f: Faults = serde_json::from_slice(&body)
         .map_err(|e| ApiFault::bad_request(format!("bad faults document: {e}")))?;
     sim.state.lock().expect("sim lock").faults = f.clone();
-    ok_json(StatusCode::OK, serde_json::to_value(f).expect("serializable"))
+    ok_json(
+        StatusCode::OK,
+        serde_json::to_value(f).expect("serializable"),
+    )
 }
 
 async fn get_faults(State(sim): S) -> ApiResult {
     let f = sim.state.lock().expect("sim lock").faults.clone();
-    ok_json(StatusCode::OK, serde_json::to_value(f).expect("serializable"))
+    ok_json(
+        StatusCode::OK,
+        serde_json::to_value(f).expect("serializable"),
+    )
 }
 
 async fn stats(State(sim): S) -> ApiResult {
-    ok_json(StatusCode::OK, serde_json::to_value(sim.stats()).expect("serializable"))
+    ok_json(
+        StatusCode::OK,
+        serde_json::to_value(sim.stats()).expect("serializable"),
+    )
 }

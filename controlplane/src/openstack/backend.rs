@@ -80,7 +80,10 @@ impl Backend {
     }
 
     pub fn snapshot(&self, volume_id: &str, snapshot_id: &str) -> Result<()> {
-        copy_sparse(&self.volume_file(volume_id), &self.snapshot_file(snapshot_id))
+        copy_sparse(
+            &self.volume_file(volume_id),
+            &self.snapshot_file(snapshot_id),
+        )
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -104,7 +107,9 @@ impl Backend {
     /// device path.
     pub fn attach(&self, volume_id: &str) -> Result<String> {
         let file = self.volume_file(volume_id);
-        let dev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=off"]).arg(&file))?;
+        let dev = run(Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=off"])
+            .arg(&file))?;
         let link = self.link_path(volume_id);
         remove_if_exists(&link)?;
         if let Err(e) = std::os::unix::fs::symlink(&dev, &link) {

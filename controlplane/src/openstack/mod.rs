@@ -75,7 +75,11 @@ impl SimConfig {
             max_attachments_per_instance: 128,
             quota_volumes: 1000,
             quota_gigabytes: 100_000,
-            volume_types: vec!["classic".into(), "high-speed".into(), "high-speed-gen2".into()],
+            volume_types: vec![
+                "classic".into(),
+                "high-speed".into(),
+                "high-speed-gen2".into(),
+            ],
             default_zone: "nova".into(),
             instances: vec![Instance {
                 id: "7d6b5c2e-1f0a-4e3b-9c8d-2a1b0c9d8e7f".into(),

@@ -119,7 +119,11 @@ impl State {
         let mut v: Vec<&Volume> = self
             .volumes
             .values()
-            .filter(|v| v.attachment.as_ref().is_some_and(|a| a.server_id == server_id))
+            .filter(|v| {
+                v.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.server_id == server_id)
+            })
             .collect();
         v.sort_by_key(|v| v.seq);
         v
