@@ -9,7 +9,7 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 APT_PACKAGES=(
   iproute2 containernetworking-plugins containerd runc iperf3 e2fsprogs xfsprogs
   bpftool busybox-static hyperfine jq util-linux protobuf-compiler procps
-  python3-venv libprotobuf-dev
+  python3-venv iputils-ping tar gzip libprotobuf-dev
 )
 
 need_apt=()

@@ -119,6 +119,8 @@ impl EbpfDatapath {
         let maps_dir = pin_root.join("maps");
         let progs_dir = pin_root.join("progs");
         prepare_pin_root(pin_root)?;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
         let mut ebpf = EbpfLoader::new().map_pin_path(&maps_dir).load(BPF_OBJECT)?;
 
         let digest = format!("{:016x}", fnv64(BPF_OBJECT));
@@ -182,9 +184,13 @@ impl Datapath for EbpfDatapath {
     }
 
     fn remove_endpoint(&mut self, ip: Ipv4Addr, endpoint_id: u32) -> Result<()> {
-        match self.endpoints.remove(&u32::from_ne_bytes(ip.octets())) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e.into()),
+        let key = u32::from_ne_bytes(ip.octets());
+        // Endpoints that never became ready have no entry (aya reports ENOENT as a syscall error).
+        if self.endpoints.get(&key, 0).is_ok() {
+            match self.endpoints.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let kinds = [metric::TX, metric::RX]
             .into_iter()

@@ -19,6 +19,9 @@ pub enum Error {
     State { path: String, reason: String },
     #[error("datapath: {0}")]
     Datapath(String),
+    /// The tunnel client (connection to the tunnel server, node session).
+    #[error("tunnel: {0}")]
+    Tunnel(String),
 }
 
 impl Error {
@@ -33,6 +36,7 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::Exhausted(_) => Code::Exhausted,
             Error::Io { .. } | Error::State { .. } | Error::Datapath(_) => Code::Internal,
+            Error::Tunnel(_) => Code::Unavailable,
         }
     }
 

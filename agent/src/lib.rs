@@ -6,13 +6,17 @@
 //!   lock, synchronous.
 //! - [`server`]: the async edge: the local API on the agent socket (gRPC + the CNI's framed
 //!   protocol).
+//! - [`tunnel`] and [`node`]: the Konnectivity-compatible tunnel client, node registration,
+//!   heartbeats and lifecycle commands.
 //! - [`config`]: settings from flags, environment and `/etc/berth/agent.toml`.
 pub mod config;
 pub mod core;
 pub mod datapath;
 pub mod error;
 pub mod ipam;
+pub mod node;
 pub mod server;
 pub mod store;
+pub mod tunnel;
 
 pub use error::{Error, Result};

@@ -1,0 +1,389 @@
+//! Privileged end-to-end tests of pod networking on one node: the real `berth` CNI binary, the
+//! real agent, the eBPF datapath, network namespaces as node and pods.
+use berth_tests::cni::{NODE_IP, Node, Pod, in_netns};
+use berth_tests::netns::{NetNs, workspace_bin};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// Sends 1 MiB from a client in `client_ns` to an echo server in `server_ns` and checks the echo.
+fn tcp_roundtrip(client_ns: &NetNs, server_ns: &NetNs, server_ip: &str) {
+    let listener = in_netns(server_ns, || TcpListener::bind("0.0.0.0:0").expect("bind"));
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).expect("server read");
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).expect("server write");
+        }
+    });
+    let payload: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let addr = format!("{server_ip}:{port}");
+    let mut conn = in_netns(client_ns, || {
+        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let writer = {
+        let mut w = conn.try_clone().unwrap();
+        let p = payload.clone();
+        std::thread::spawn(move || {
+            w.write_all(&p).expect("client write");
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    conn.read_to_end(&mut echoed).expect("client read");
+    writer.join().unwrap();
+    server.join().unwrap();
+    assert!(echoed == payload, "TCP echo to {addr} differs ({} bytes back)", echoed.len());
+}
+
+#[test]
+fn three_pods_talk_to_each_other_and_the_host() {
+    let node = Node::new();
+    let pods: Vec<Pod> = (0..3).map(|_| Pod::new()).collect();
+    let ips: Vec<String> = pods.iter().map(|p| node.add(p)).collect();
+    let mut sorted = ips.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 3, "addresses not distinct: {ips:?}");
+
+    for (i, p) in pods.iter().enumerate() {
+        for (j, ip) in ips.iter().enumerate() {
+            if i != j {
+                // The datapath redirects pod to pod without routing: the TTL is not decremented.
+                let out = p.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", ip]);
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(out.status.success(), "pod {i} cannot ping pod {j} ({ip}): {text}");
+                assert!(text.contains("ttl=64"), "pod {i} → {ip} was routed, not redirected: {text}");
+            }
+        }
+        assert!(p.ping(NODE_IP), "pod {i} cannot reach the host");
+        let out = node.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &ips[i]]);
+        assert!(out.status.success(), "host cannot reach pod {i}");
+    }
+    tcp_roundtrip(&pods[0].ns, &pods[1].ns, &ips[1]);
+    tcp_roundtrip(&pods[1].ns, &pods[0].ns, &ips[0]);
+    tcp_roundtrip(&pods[2].ns, &node.ns, NODE_IP);
+    tcp_roundtrip(&node.ns, &pods[2].ns, &ips[2]);
+
+    let eps = node.berthctl(&["endpoints"]);
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 3);
+    for e in eps {
+        assert_eq!(e["state"], "ready");
+        assert_eq!(e["pod"], "default/test");
+        assert!(e["txPackets"].as_u64().unwrap() > 0 && e["rxBytes"].as_u64().unwrap() > 1_000_000 / 2, "{e}");
+    }
+    let status = node.berthctl(&["status"]);
+    assert_eq!(status["datapath"]["loaded"], true);
+    assert_eq!(status["ipam"]["allocated"], 3);
+}
+
+#[test]
+fn spoofed_source_is_dropped_and_counted() {
+    let node = Node::new();
+    let a = Pod::new();
+    let b = Pod::new();
+    let _ip_a = node.add(&a);
+    let ip_b = node.add(&b);
+    // Pod a takes an address that is not its own and tries to reach b from it.
+    a.ns.exec_ok(&["ip", "addr", "add", "10.2.0.200/32", "dev", "eth0"]);
+    let out = a.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "10.2.0.200", &ip_b]);
+    assert!(!out.status.success(), "spoofed packets were delivered");
+    // Unknown sources are counted under endpoint 0; b received nothing from the spoofed address.
+    let eps = node.berthctl(&["endpoints"]);
+    let b_ep = eps.as_array().unwrap().iter().find(|e| e["address"] == format!("{ip_b}/32")).unwrap().clone();
+    assert_eq!(b_ep["rxPackets"], 0, "{b_ep}");
+    assert!(a.ping(&ip_b), "a's own address still works");
+}
+
+#[test]
+fn cni_verbs_and_error_codes() {
+    let mut node = Node::new();
+    let pod = Pod::new();
+    let netns = pod.ns.path().to_str().unwrap().to_string();
+
+    // VERSION needs nothing else.
+    let v = node.cni(&[("CNI_COMMAND", "VERSION")], "").json();
+    assert_eq!(v["cniVersion"], "1.1.0");
+    assert!(v["supportedVersions"].as_array().unwrap().contains(&json!("0.4.0")));
+    assert_eq!(node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf()).code, 0);
+
+    let add = node.verb("ADD", &pod.cid, Some(&netns), "eth0");
+    assert_eq!(add.code, 0, "{add:?}");
+    let result = add.json();
+    assert_eq!(result["cniVersion"], "1.1.0");
+    assert_eq!(result["interfaces"][1]["name"], "eth0");
+    assert_eq!(result["interfaces"][1]["sandbox"], netns.as_str());
+    assert_eq!(result["ips"][0]["gateway"], "169.254.1.1");
+    assert_eq!(result["ips"][0]["interface"], 1);
+
+    // CHECK with the ADD result as prevResult.
+    let mut conf: Value = serde_json::from_str(&node.conf()).unwrap();
+    conf["prevResult"] = result.clone();
+    let check_env = [
+        ("CNI_COMMAND", "CHECK"),
+        ("CNI_CONTAINERID", pod.cid.as_str()),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ];
+    let check = node.cni(&check_env, &conf.to_string());
+    assert_eq!(check.code, 0, "{check:?}");
+
+    // Interface already present.
+    let again = node.verb("ADD", &pod.cid, Some(&netns), "eth0");
+    assert_eq!(again.error_code(), 101);
+    assert!(again.json()["details"].as_str().unwrap().contains("eth0"));
+
+    // Environment errors name the variable.
+    let e = node.cni(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "x"), ("CNI_IFNAME", "eth0")], &node.conf());
+    assert_eq!(e.error_code(), 4);
+    assert!(e.json()["details"].as_str().unwrap().contains("CNI_NETNS"));
+    let e = node.verb("ADD", "-bad-id", Some(&netns), "eth1");
+    assert_eq!(e.error_code(), 4);
+    let e = node.verb("ADD", "okid", Some("/run/netns/does-not-exist"), "eth0");
+    assert_eq!(e.error_code(), 4);
+    let e = node.cni(&[("CNI_COMMAND", "FROB")], &node.conf());
+    assert_eq!(e.error_code(), 4);
+
+    // Config errors.
+    let add_env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "cfg1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth1"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ];
+    assert_eq!(node.cni(&add_env, "{not json").error_code(), 6);
+    assert_eq!(node.cni(&add_env, "").error_code(), 6);
+    assert_eq!(node.cni(&add_env, r#"{"cniVersion":"2.0.0","name":"b","type":"berth"}"#).error_code(), 1);
+    assert_eq!(node.cni(&add_env, r#"{"cniVersion":"1.1.0","type":"berth"}"#).error_code(), 7);
+    let e = node.cni(&add_env, r#"{"cniVersion":"1.1.0","name":"b","type":"berth","ipam":{"type":"host-local"}}"#);
+    assert_eq!(e.error_code(), 2);
+    assert!(e.json()["details"].as_str().unwrap().contains("ipam.type=host-local"));
+
+    // CHECK of an unknown container.
+    assert_eq!(node.verb("CHECK", "nosuch", Some(&netns), "eth0").error_code(), 3);
+
+    // DEL twice, then CHECK says unknown.
+    assert_eq!(node.verb("DEL", &pod.cid, Some(&netns), "eth0").code, 0);
+    assert_eq!(node.verb("DEL", &pod.cid, Some(&netns), "eth0").code, 0);
+    assert_eq!(node.verb("DEL", &pod.cid, None, "eth0").code, 0, "DEL without CNI_NETNS");
+    assert_eq!(node.verb("CHECK", &pod.cid, Some(&netns), "eth0").error_code(), 3);
+    assert!(node.host_links().is_empty(), "{:?}", node.host_links());
+
+    // DEL with the netns gone.
+    let gone = Pod::new();
+    node.add(&gone);
+    let (gone_cid, gone_path) = (gone.cid.clone(), gone.ns.path().to_str().unwrap().to_string());
+    drop(gone);
+    assert_eq!(node.verb("DEL", &gone_cid, Some(&gone_path), "eth0").code, 0);
+    assert!(node.host_links().is_empty());
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 0);
+
+    // GC accepts both keys and releases what is not listed.
+    let keep = Pod::new();
+    let drop_me = Pod::new();
+    node.add(&keep);
+    node.add(&drop_me);
+    let gc_env = [("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")];
+    let mut gc_conf: Value = serde_json::from_str(&node.conf()).unwrap();
+    gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
+    assert_eq!(node.cni(&gc_env, &gc_conf.to_string()).code, 0);
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1);
+    assert_eq!(node.host_links().len(), 1);
+    let mut old_conf: Value = serde_json::from_str(&node.conf()).unwrap();
+    old_conf["cni.dev/attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
+    assert_eq!(node.cni(&gc_env, &old_conf.to_string()).code, 0);
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1, "older key keeps the attachment");
+    assert_eq!(node.cni(&[("CNI_COMMAND", "GC")], &node.conf()).error_code(), 4, "GC needs CNI_PATH");
+
+    // Agent down: ADD and CHECK say "try again later", STATUS says "not available", DEL queues.
+    node.stop_agent(Signal::SIGTERM);
+    let other = Pod::new();
+    assert_eq!(node.verb("ADD", &other.cid, Some(other.ns.path().to_str().unwrap()), "eth0").error_code(), 11);
+    assert_eq!(node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf()).error_code(), 50);
+    assert_eq!(node.verb("CHECK", &keep.cid, Some(keep.ns.path().to_str().unwrap()), "eth0").error_code(), 11);
+    let del = node.verb("DEL", &keep.cid, Some(keep.ns.path().to_str().unwrap()), "eth0");
+    assert_eq!(del.code, 0, "{del:?}");
+    let queued = std::fs::read_dir(node.cni_state_dir().join("delete-queue")).unwrap().count();
+    assert_eq!(queued, 1);
+    assert!(node.host_links().is_empty(), "DEL removed the interface even with the agent down");
+
+    // The restarted agent drains the queue and frees the address.
+    node.start_agent();
+    let status = node.berthctl(&["status"]);
+    assert_eq!(status["ipam"]["allocated"], 0, "{status}");
+    assert_eq!(status["deleteQueueDrained"], 1);
+    assert_eq!(std::fs::read_dir(node.cni_state_dir().join("delete-queue")).unwrap().count(), 0);
+    assert_eq!(node.endpoint_map_entries(), 0);
+}
+
+#[test]
+fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
+    let mut node = Node::new();
+    let a = Pod::new();
+    let b = Pod::new();
+    let _ip_a = node.add(&a);
+    let ip_b = node.add(&b);
+
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = in_netns(&b.ns, || TcpListener::bind("0.0.0.0:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        received.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("stream broke: {e}"),
+                }
+            }
+        })
+    };
+    let addr = format!("{ip_b}:{port}");
+    let conn = in_netns(&a.ns, || TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap());
+    let client = {
+        let stop = stop.clone();
+        let mut conn = conn;
+        std::thread::spawn(move || {
+            conn.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            let chunk = vec![0x5au8; 16 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                conn.write_all(&chunk).expect("stream broke while writing");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let wait_for = |min: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while received.load(Ordering::Relaxed) < min {
+            assert!(Instant::now() < deadline, "stream stalled at {} bytes", received.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(1 << 20);
+
+    node.stop_agent(Signal::SIGKILL);
+    let at_kill = received.load(Ordering::Relaxed);
+    wait_for(at_kill + (4 << 20)); // 4 MiB more while no agent runs
+
+    node.start_agent();
+    let status = node.berthctl(&["status"]);
+    assert_eq!(status["datapath"]["adopted"], true, "restarted agent did not adopt the pins: {status}");
+    assert_eq!(status["endpoints"], 2);
+    let at_restart = received.load(Ordering::Relaxed);
+    wait_for(at_restart + (4 << 20));
+    stop.store(true, Ordering::Relaxed);
+    client.join().expect("client");
+    server.join().expect("server");
+
+    // The adopted datapath serves new pods too, and counters survived the restart.
+    let c = Pod::new();
+    node.add(&c);
+    assert!(c.ping(&ip_b));
+    let eps = node.berthctl(&["endpoints"]);
+    let b_ep = eps.as_array().unwrap().iter().find(|e| e["address"] == format!("{ip_b}/32")).unwrap().clone();
+    assert!(b_ep["rxBytes"].as_u64().unwrap() > 8 << 20, "{b_ep}");
+}
+
+#[test]
+fn churn_and_killed_adds_leak_nothing_after_gc() {
+    let node = Node::new();
+    let pod = Pod::new();
+    let netns = pod.ns.path().to_str().unwrap().to_string();
+    for i in 0..500 {
+        let cid = format!("churn{i}");
+        let add = node.verb("ADD", &cid, Some(&netns), "eth0");
+        assert_eq!(add.code, 0, "cycle {i} ADD: {add:?}");
+        let del = node.verb("DEL", &cid, Some(&netns), "eth0");
+        assert_eq!(del.code, 0, "cycle {i} DEL: {del:?}");
+    }
+    assert!(node.host_links().is_empty());
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 0);
+
+    // kill -9 of the plugin in the middle of ADDs, at varying points.
+    let victims: Vec<Pod> = (0..12).map(|_| Pod::new()).collect();
+    for (i, v) in victims.iter().enumerate() {
+        let mut child = node
+            .ns
+            .command(workspace_bin("berth").to_str().unwrap())
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &v.cid)
+            .env("CNI_NETNS", v.ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(node.conf().as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_micros(300 * i as u64));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let keep = Pod::new();
+    let keep_ip = node.add(&keep);
+
+    let mut gc_conf: Value = serde_json::from_str(&node.conf()).unwrap();
+    gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
+    let gc = node.cni(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")], &gc_conf.to_string());
+    assert_eq!(gc.code, 0, "{gc:?}");
+
+    let eps = node.berthctl(&["endpoints"]);
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 1, "leaked endpoints: {eps:?}");
+    assert_eq!(eps[0]["containerID"], keep.cid.as_str());
+    assert_eq!(node.host_links().len(), 1, "leaked interfaces: {:?}", node.host_links());
+    assert_eq!(node.endpoint_map_entries(), 1);
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1);
+    assert!(keep.ping(NODE_IP));
+    assert!(node.ns.exec(&["ping", "-c", "1", "-W", "2", &keep_ip]).status.success());
+}
+
+#[test]
+fn thirty_two_parallel_adds_get_distinct_reachable_addresses() {
+    let node = Node::new();
+    let pods: Vec<Pod> = (0..32).map(|_| Pod::new()).collect();
+    let ips: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods.iter().map(|p| s.spawn(|| node.add(p))).collect();
+        handles.into_iter().map(|h| h.join().expect("ADD thread")).collect()
+    });
+    let mut sorted = ips.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 32, "duplicate addresses: {ips:?}");
+    for (i, ip) in ips.iter().enumerate().skip(1) {
+        let out = pods[0].ns.exec(&["ping", "-c", "1", "-W", "2", ip]);
+        assert!(out.status.success(), "pod 0 cannot reach pod {i} at {ip}");
+    }
+    for ip in &ips {
+        assert!(node.ns.exec(&["ping", "-c", "1", "-W", "2", ip]).status.success(), "host cannot reach {ip}");
+    }
+    assert_eq!(node.endpoint_map_entries(), 32);
+}
