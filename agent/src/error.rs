@@ -14,7 +14,10 @@ pub enum Error {
     #[error("pod CIDR {0} has no free address")]
     Exhausted(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("state file {path}: {reason}")]
     State { path: String, reason: String },
     #[error("datapath: {0}")]
@@ -26,7 +29,10 @@ pub enum Error {
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Code for the framed local protocol.

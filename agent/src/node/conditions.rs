@@ -80,14 +80,28 @@ pub async fn probe(p: &Probes) -> Vec<Condition> {
     let runtime = match &p.runtime_socket {
         None => cond("ContainerRuntimeHealthy", true, "not probed".into()),
         Some(path) => match tokio::net::UnixStream::connect(path).await {
-            Ok(_) => cond("ContainerRuntimeHealthy", true, format!("{} accepts", path.display())),
-            Err(e) => cond("ContainerRuntimeHealthy", false, format!("{}: {e}", path.display())),
+            Ok(_) => cond(
+                "ContainerRuntimeHealthy",
+                true,
+                format!("{} accepts", path.display()),
+            ),
+            Err(e) => cond(
+                "ContainerRuntimeHealthy",
+                false,
+                format!("{}: {e}", path.display()),
+            ),
         },
     };
     let datapath = match &p.datapath_pin {
         None => cond("DatapathLoaded", true, "not probed".into()),
-        Some(path) if path.exists() => cond("DatapathLoaded", true, format!("{} pinned", path.display())),
-        Some(path) => cond("DatapathLoaded", false, format!("{} missing", path.display())),
+        Some(path) if path.exists() => {
+            cond("DatapathLoaded", true, format!("{} pinned", path.display()))
+        }
+        Some(path) => cond(
+            "DatapathLoaded",
+            false,
+            format!("{} missing", path.display()),
+        ),
     };
     let disk = match free_fraction(&p.disk_path) {
         Ok(f) => cond(
@@ -95,7 +109,11 @@ pub async fn probe(p: &Probes) -> Vec<Condition> {
             f < p.disk_min_free,
             format!("{:.1}% free on {}", f * 100.0, p.disk_path.display()),
         ),
-        Err(e) => cond("DiskPressure", true, format!("{}: {e}", p.disk_path.display())),
+        Err(e) => cond(
+            "DiskPressure",
+            true,
+            format!("{}: {e}", p.disk_path.display()),
+        ),
     };
     vec![kubelet, runtime, datapath, disk]
 }

@@ -35,17 +35,105 @@ pub const MAX_PODS: u32 = 110;
 
 /// Known flavors.
 pub const FLAVORS: &[(&str, Shape)] = &[
-    ("b3-8", Shape { vcpus: 2, ram_gb: 8, disk_gb: 50, gpus: 0 }),
-    ("b3-16", Shape { vcpus: 4, ram_gb: 16, disk_gb: 100, gpus: 0 }),
-    ("b3-32", Shape { vcpus: 8, ram_gb: 32, disk_gb: 200, gpus: 0 }),
-    ("b3-64", Shape { vcpus: 16, ram_gb: 64, disk_gb: 400, gpus: 0 }),
-    ("b3-128", Shape { vcpus: 32, ram_gb: 128, disk_gb: 400, gpus: 0 }),
-    ("r3-16", Shape { vcpus: 2, ram_gb: 16, disk_gb: 50, gpus: 0 }),
-    ("r3-32", Shape { vcpus: 4, ram_gb: 32, disk_gb: 100, gpus: 0 }),
-    ("r3-64", Shape { vcpus: 8, ram_gb: 64, disk_gb: 200, gpus: 0 }),
-    ("r3-128", Shape { vcpus: 16, ram_gb: 128, disk_gb: 400, gpus: 0 }),
-    ("t1-45", Shape { vcpus: 8, ram_gb: 45, disk_gb: 400, gpus: 1 }),
-    ("t1-90", Shape { vcpus: 18, ram_gb: 90, disk_gb: 800, gpus: 2 }),
+    (
+        "b3-8",
+        Shape {
+            vcpus: 2,
+            ram_gb: 8,
+            disk_gb: 50,
+            gpus: 0,
+        },
+    ),
+    (
+        "b3-16",
+        Shape {
+            vcpus: 4,
+            ram_gb: 16,
+            disk_gb: 100,
+            gpus: 0,
+        },
+    ),
+    (
+        "b3-32",
+        Shape {
+            vcpus: 8,
+            ram_gb: 32,
+            disk_gb: 200,
+            gpus: 0,
+        },
+    ),
+    (
+        "b3-64",
+        Shape {
+            vcpus: 16,
+            ram_gb: 64,
+            disk_gb: 400,
+            gpus: 0,
+        },
+    ),
+    (
+        "b3-128",
+        Shape {
+            vcpus: 32,
+            ram_gb: 128,
+            disk_gb: 400,
+            gpus: 0,
+        },
+    ),
+    (
+        "r3-16",
+        Shape {
+            vcpus: 2,
+            ram_gb: 16,
+            disk_gb: 50,
+            gpus: 0,
+        },
+    ),
+    (
+        "r3-32",
+        Shape {
+            vcpus: 4,
+            ram_gb: 32,
+            disk_gb: 100,
+            gpus: 0,
+        },
+    ),
+    (
+        "r3-64",
+        Shape {
+            vcpus: 8,
+            ram_gb: 64,
+            disk_gb: 200,
+            gpus: 0,
+        },
+    ),
+    (
+        "r3-128",
+        Shape {
+            vcpus: 16,
+            ram_gb: 128,
+            disk_gb: 400,
+            gpus: 0,
+        },
+    ),
+    (
+        "t1-45",
+        Shape {
+            vcpus: 8,
+            ram_gb: 45,
+            disk_gb: 400,
+            gpus: 1,
+        },
+    ),
+    (
+        "t1-90",
+        Shape {
+            vcpus: 18,
+            ram_gb: 90,
+            disk_gb: 800,
+            gpus: 2,
+        },
+    ),
 ];
 
 /// The shape of a known flavor.
@@ -128,11 +216,16 @@ mod tests {
 
     #[test]
     fn every_required_flavor_is_known() {
-        for f in ["b3-8", "b3-16", "b3-32", "b3-64", "r3-64", "r3-128", "t1-45"] {
+        for f in [
+            "b3-8", "b3-16", "b3-32", "b3-64", "r3-64", "r3-128", "t1-45",
+        ] {
             let s = lookup(f).unwrap_or_else(|| panic!("{f} missing"));
             let cap = capacity(s);
             let r = reserved(cap);
-            assert!(r.cpu_millis < cap.cpu_millis && r.memory_bytes < cap.memory_bytes, "{f}");
+            assert!(
+                r.cpu_millis < cap.cpu_millis && r.memory_bytes < cap.memory_bytes,
+                "{f}"
+            );
         }
         assert_eq!(lookup("T1-45").unwrap().gpus, 1);
         assert!(lookup("x9-1").is_none());

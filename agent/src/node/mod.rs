@@ -108,7 +108,9 @@ pub fn parse_taint(s: &str) -> Result<Taint> {
         .rsplit_once(':')
         .ok_or_else(|| Error::Config(format!("taint {s:?} is not key=value:Effect")))?;
     if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
-        return Err(Error::Config(format!("taint {s:?}: unknown effect {effect}")));
+        return Err(Error::Config(format!(
+            "taint {s:?}: unknown effect {effect}"
+        )));
     }
     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
     if k.is_empty() {
@@ -155,7 +157,11 @@ pub fn resources_for(flavor: &str, disk_path: &Path) -> (Resources, Resources, R
 
 impl NodeAgent {
     /// A node agent for `reg`; the state file (if any) is written on every change.
-    pub fn new(reg: NodeRegistration, state_path: Option<PathBuf>, upgrade_hook: Option<String>) -> Self {
+    pub fn new(
+        reg: NodeRegistration,
+        state_path: Option<PathBuf>,
+        upgrade_hook: Option<String>,
+    ) -> Self {
         let file = NodeStateFile {
             node_name: reg.node_name.clone(),
             instance_id: reg.instance_id.clone(),
@@ -163,7 +169,11 @@ impl NodeAgent {
             flavor: reg.flavor.clone(),
             zone: reg.zone.clone(),
             version: reg.version.clone(),
-            labels: reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: reg
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             taints: reg
                 .taints
                 .iter()
@@ -233,7 +243,8 @@ impl NodeAgent {
     }
 
     pub fn set_conditions(&self, conds: &[berth_proto::node::Condition]) {
-        let map: BTreeMap<String, bool> = conds.iter().map(|c| (c.r#type.clone(), c.status)).collect();
+        let map: BTreeMap<String, bool> =
+            conds.iter().map(|c| (c.r#type.clone(), c.status)).collect();
         let changed = {
             let mut inner = self.inner.lock().unwrap();
             std::mem::replace(&mut inner.file.conditions, map.clone()) != map
@@ -307,10 +318,14 @@ impl NodeAgent {
         };
         {
             let mut inner = self.inner.lock().unwrap();
-            inner.acks.entry(server.into()).or_default().push(CommandAck {
-                command_id: cmd.id,
-                error: result.clone().err().unwrap_or_default(),
-            });
+            inner
+                .acks
+                .entry(server.into())
+                .or_default()
+                .push(CommandAck {
+                    command_id: cmd.id,
+                    error: result.clone().err().unwrap_or_default(),
+                });
             if first {
                 inner.file.last_commands.push(CommandLog {
                     server: server.into(),
@@ -371,7 +386,8 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// Reads the state file written by a running agent (`berthctl node`).
 pub fn read_state(path: &Path) -> Result<NodeStateFile> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     serde_json::from_str(&text).map_err(|e| Error::State {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -382,8 +398,16 @@ pub fn read_state(path: &Path) -> Result<NodeStateFile> {
 pub fn format_state(s: &NodeStateFile) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "node       {} (instance {})", s.node_name, s.instance_id);
-    let _ = writeln!(out, "pool       {}  flavor {}  zone {}  version {}", s.pool, s.flavor, s.zone, s.version);
+    let _ = writeln!(
+        out,
+        "node       {} (instance {})",
+        s.node_name, s.instance_id
+    );
+    let _ = writeln!(
+        out,
+        "pool       {}  flavor {}  zone {}  version {}",
+        s.pool, s.flavor, s.zone, s.version
+    );
     let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "labels     {}", labels.join(","));
     let _ = writeln!(out, "taints     {}", s.taints.join(","));
@@ -399,15 +423,27 @@ pub fn format_state(s: &NodeStateFile) -> String {
     let _ = writeln!(out, "capacity   {}", r(&s.capacity));
     let _ = writeln!(out, "reserved   {}", r(&s.reserved));
     let _ = writeln!(out, "allocatable {}", r(&s.allocatable));
-    let _ = writeln!(out, "cordoned   {}  terminated {}  tunnel draining {}", s.cordoned, s.terminated, s.draining_tunnel);
+    let _ = writeln!(
+        out,
+        "cordoned   {}  terminated {}  tunnel draining {}",
+        s.cordoned, s.terminated, s.draining_tunnel
+    );
     for (server, state) in &s.servers {
         let _ = writeln!(out, "state      {state} (control plane {server})");
     }
-    let conds: Vec<String> = s.conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let conds: Vec<String> = s
+        .conditions
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let _ = writeln!(out, "conditions {}", conds.join(" "));
     let _ = writeln!(out, "last commands:");
     for c in s.last_commands.iter().rev() {
-        let _ = writeln!(out, "  #{:<4} {:<10} {:<12} {} (from {})", c.id, c.kind, c.argument, c.result, c.server);
+        let _ = writeln!(
+            out,
+            "  #{:<4} {:<10} {:<12} {} (from {})",
+            c.id, c.kind, c.argument, c.result, c.server
+        );
     }
     out
 }
@@ -419,7 +455,10 @@ mod tests {
     #[test]
     fn taints_and_labels() {
         let t = parse_taint("gpu=true:NoSchedule").unwrap();
-        assert_eq!((t.key.as_str(), t.value.as_str(), t.effect.as_str()), ("gpu", "true", "NoSchedule"));
+        assert_eq!(
+            (t.key.as_str(), t.value.as_str(), t.effect.as_str()),
+            ("gpu", "true", "NoSchedule")
+        );
         assert!(parse_taint("gpu=true:Sometimes").is_err());
         assert!(parse_taint("gpu").is_err());
         assert_eq!(parse_label("a=b").unwrap(), ("a".into(), "b".into()));
@@ -437,20 +476,36 @@ mod tests {
             ..Default::default()
         };
         let n = NodeAgent::new(reg, Some(path.clone()), None);
-        let up = Command { id: 7, kind: CommandKind::Upgrade as i32, argument: "2.0".into() };
+        let up = Command {
+            id: 7,
+            kind: CommandKind::Upgrade as i32,
+            argument: "2.0".into(),
+        };
         n.handle("s1", &up).await;
         n.handle("s1", &up).await;
         assert_eq!(n.version(), "2.0");
         let acks = n.take_acks("s1");
         assert_eq!(acks.len(), 2);
         assert!(acks.iter().all(|a| a.command_id == 7 && a.error.is_empty()));
-        n.handle("s1", &Command { id: 8, kind: CommandKind::Cordon as i32, argument: String::new() }).await;
+        n.handle(
+            "s1",
+            &Command {
+                id: 8,
+                kind: CommandKind::Cordon as i32,
+                argument: String::new(),
+            },
+        )
+        .await;
         let s = read_state(&path).unwrap();
         assert!(s.cordoned);
         assert_eq!(s.version, "2.0");
         assert_eq!(s.last_commands.len(), 2);
         assert!(format_state(&s).contains("upgrade"));
-        let bad = Command { id: 9, kind: CommandKind::Upgrade as i32, argument: String::new() };
+        let bad = Command {
+            id: 9,
+            kind: CommandKind::Upgrade as i32,
+            argument: String::new(),
+        };
         n.handle("s1", &bad).await;
         assert!(!n.take_acks("s1").last().unwrap().error.is_empty());
     }

@@ -2,7 +2,9 @@
 //! HTTP/2 connection as the tunnel (so the node talks to the replica it is tunnelled to).
 use std::{sync::Arc, time::Duration};
 
-use berth_proto::node::{HeartbeatRequest, RegisterRequest, node_service_client::NodeServiceClient};
+use berth_proto::node::{
+    HeartbeatRequest, RegisterRequest, node_service_client::NodeServiceClient,
+};
 use tonic::{
     Request,
     metadata::{Ascii, MetadataValue},
@@ -74,9 +76,7 @@ pub async fn run(node: Arc<NodeAgent>, channel: Channel, server_id: String, cfg:
             conditions,
             version: node.version(),
             acks: acks.clone(),
-            shutting_down: cfg
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Relaxed),
+            shutting_down: cfg.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
         };
         match client.heartbeat(req(&cfg, hb)).await {
             Ok(resp) => {

@@ -114,11 +114,27 @@ mod tests {
 
     #[test]
     fn default_is_kubelet_only() {
-        let a = AllowList::new(vec![], vec!["node-1".into()], Some("10.1.0.5".parse().unwrap()));
-        assert_eq!(a.check("127.0.0.1:10250").unwrap().to_string(), "127.0.0.1:10250");
-        assert_eq!(a.check("10.1.0.5:10250").unwrap().to_string(), "10.1.0.5:10250");
-        assert_eq!(a.check("Node-1:10250").unwrap().to_string(), "10.1.0.5:10250");
-        assert_eq!(a.check("localhost:10250").unwrap().to_string(), "127.0.0.1:10250");
+        let a = AllowList::new(
+            vec![],
+            vec!["node-1".into()],
+            Some("10.1.0.5".parse().unwrap()),
+        );
+        assert_eq!(
+            a.check("127.0.0.1:10250").unwrap().to_string(),
+            "127.0.0.1:10250"
+        );
+        assert_eq!(
+            a.check("10.1.0.5:10250").unwrap().to_string(),
+            "10.1.0.5:10250"
+        );
+        assert_eq!(
+            a.check("Node-1:10250").unwrap().to_string(),
+            "10.1.0.5:10250"
+        );
+        assert_eq!(
+            a.check("localhost:10250").unwrap().to_string(),
+            "127.0.0.1:10250"
+        );
         assert!(a.check("127.0.0.1:22").is_err());
         assert!(a.check("10.1.0.6:10250").is_err());
         assert!(a.check("example.com:10250").is_err());
@@ -129,7 +145,10 @@ mod tests {
     #[test]
     fn cidr_and_any_port_entries() {
         let a = AllowList::new(
-            vec!["10.2.0.0/16:*".parse().unwrap(), "[::1]:8080".parse().unwrap()],
+            vec![
+                "10.2.0.0/16:*".parse().unwrap(),
+                "[::1]:8080".parse().unwrap(),
+            ],
             vec![],
             None,
         );

@@ -41,7 +41,11 @@ use backoff::Backoff;
 pub struct TunnelArgs {
     /// Tunnel server address(es), `host:port` (the load-balanced address; several are tried in
     /// turn).
-    #[arg(long = "tunnel-server", env = "BERTH_TUNNEL_SERVER", value_delimiter = ',')]
+    #[arg(
+        long = "tunnel-server",
+        env = "BERTH_TUNNEL_SERVER",
+        value_delimiter = ','
+    )]
     pub servers: Vec<String>,
     /// File holding the bearer token (service-account token) for the tunnel server.
     #[arg(long, env = "BERTH_TUNNEL_TOKEN_FILE")]
@@ -190,7 +194,12 @@ pub fn read_token(path: &std::path::Path) -> Result<String> {
 }
 
 /// The `agentidentifiers` value: host, ipv4/ipv6 (node IP), cidr (pod CIDR), default-route.
-pub fn identifiers(node_name: &str, node_ip: Option<IpAddr>, pod_cidr: Option<IpNet>, default_route: bool) -> String {
+pub fn identifiers(
+    node_name: &str,
+    node_ip: Option<IpAddr>,
+    pod_cidr: Option<IpNet>,
+    default_route: bool,
+) -> String {
     let enc = |s: &str| {
         let mut o = String::new();
         for &c in s.as_bytes() {
@@ -227,7 +236,14 @@ pub struct TunnelHandle {
 impl TunnelHandle {
     /// Server IDs the agent is connected to.
     pub fn connected_servers(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.ctx.connections.lock().unwrap().keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .ctx
+            .connections
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -238,10 +254,9 @@ pub fn prepare(args: &TunnelArgs, basics: &NodeBasics) -> Result<TunnelHandle> {
     if args.servers.is_empty() {
         return Err(Error::Config("no --tunnel-server given".into()));
     }
-    let token_file = args
-        .tunnel_token_file
-        .as_ref()
-        .ok_or_else(|| Error::Config("--tunnel-token-file is required with --tunnel-server".into()))?;
+    let token_file = args.tunnel_token_file.as_ref().ok_or_else(|| {
+        Error::Config("--tunnel-token-file is required with --tunnel-server".into())
+    })?;
     let token = read_token(token_file)?;
     let mut authorization: MetadataValue<Ascii> = format!("Bearer {token}")
         .parse()
@@ -335,7 +350,11 @@ pub fn prepare(args: &TunnelArgs, basics: &NodeBasics) -> Result<TunnelHandle> {
 }
 
 /// Runs the tunnel client until `shutdown` reaches [`Shutdown::Exit`].
-pub async fn run(args: TunnelArgs, basics: NodeBasics, shutdown: watch::Receiver<Shutdown>) -> Result<()> {
+pub async fn run(
+    args: TunnelArgs,
+    basics: NodeBasics,
+    shutdown: watch::Receiver<Shutdown>,
+) -> Result<()> {
     let handle = prepare(&args, &basics)?;
     run_prepared(&args, handle, shutdown).await
 }
@@ -375,7 +394,8 @@ pub async fn run_prepared(
             serial += 1;
             match session::connect(&ctx, &addr, serial).await {
                 Ok(conn) => {
-                    ctx.server_count.store(conn.server_count.max(1), Ordering::Relaxed);
+                    ctx.server_count
+                        .store(conn.server_count.max(1), Ordering::Relaxed);
                     let fresh = {
                         let mut conns = ctx.connections.lock().unwrap();
                         if conns.contains_key(&conn.server_id) {
@@ -388,12 +408,20 @@ pub async fn run_prepared(
                     if fresh {
                         tracing::info!(%addr, server = %conn.server_id, count = conn.server_count, "tunnel connected");
                         backoff.reset();
-                        sessions.push(tokio::spawn(session::serve(ctx.clone(), conn, shutdown.clone())));
+                        sessions.push(tokio::spawn(session::serve(
+                            ctx.clone(),
+                            conn,
+                            shutdown.clone(),
+                        )));
                         Duration::ZERO
                     } else {
                         tracing::debug!(%addr, server = %conn.server_id, "duplicate server connection closed");
                         drop(conn);
-                        if have + 1 >= want { sync } else { backoff.next_delay() }
+                        if have + 1 >= want {
+                            sync
+                        } else {
+                            backoff.next_delay()
+                        }
                     }
                 }
                 Err(e) => {

@@ -72,8 +72,8 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
     );
     md.insert("authorization", ctx.authorization.clone());
     md.insert(FLOW_CONTROL_KEY, MetadataValue::from_static("1"));
-    let mut client = AgentServiceClient::new(channel.clone())
-        .max_decoding_message_size(MAX_GRPC_MESSAGE);
+    let mut client =
+        AgentServiceClient::new(channel.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE);
     let resp = client.connect(req).await.map_err(|s| {
         Error::Tunnel(format!(
             "server refused the connection: {:?}: {}",
@@ -83,7 +83,9 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
     })?;
     let header = |k: &str| {
         let v: Vec<_> = resp.metadata().get_all(k).iter().collect();
-        (v.len() == 1).then(|| v[0].to_str().ok().map(String::from)).flatten()
+        (v.len() == 1)
+            .then(|| v[0].to_str().ok().map(String::from))
+            .flatten()
     };
     let server_id = header("serverid")
         .filter(|s| !s.is_empty())
@@ -229,7 +231,9 @@ impl Session {
                     h.abort();
                 }
             }
-            (Some(PacketType::BerthWindow), Some(Payload::WindowUpdate(w))) if self.window.is_some() => {
+            (Some(PacketType::BerthWindow), Some(Payload::WindowUpdate(w)))
+                if self.window.is_some() =>
+            {
                 let streams = self.streams.lock().unwrap();
                 if let Some(s) = streams.get(&w.connect_id)
                     && let Some(c) = &s.credit
@@ -260,11 +264,7 @@ impl Session {
     }
 
     fn on_dial(self: &Arc<Self>, d: DialRequest) {
-        if self
-            .ctx
-            .draining
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
             self.ctx.stats.dials_refused.fetch_add(1, Ordering::Relaxed);
             self.dial_error(d.random, "agent is draining".into());
             return;
@@ -424,7 +424,11 @@ impl Session {
 }
 
 /// Serves one accepted connection until it ends or the agent exits.
-pub(super) async fn serve(ctx: Arc<Ctx>, conn: Connection, mut shutdown: watch::Receiver<Shutdown>) {
+pub(super) async fn serve(
+    ctx: Arc<Ctx>,
+    conn: Connection,
+    mut shutdown: watch::Receiver<Shutdown>,
+) {
     let Connection {
         server_id,
         serial,
