@@ -32,16 +32,27 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     watch(&ebpf_dir.join("src"));
     watch(&root.join("ebpf/common/src"));
-    println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("Cargo.toml").display()
+    );
     println!("cargo:rerun-if-env-changed=BERTH_EBPF_TOOLCHAIN");
 
     let toolchain = env::var("BERTH_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     let target_dir = root.join("target/ebpf");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", &toolchain, "cargo", "build", "--release", "-Z", "build-std=core"])
-        .args(["--target", "bpfel-unknown-none", "--target-dir"])
-        .arg(&target_dir)
-        .current_dir(&ebpf_dir);
+    cmd.args([
+        "run",
+        &toolchain,
+        "cargo",
+        "build",
+        "--release",
+        "-Z",
+        "build-std=core",
+    ])
+    .args(["--target", "bpfel-unknown-none", "--target-dir"])
+    .arg(&target_dir)
+    .current_dir(&ebpf_dir);
     for (key, _) in env::vars_os() {
         let k = key.to_string_lossy();
         let scrub = (k.starts_with("CARGO") && k != "CARGO_HOME")

@@ -29,10 +29,18 @@ if ! rustup toolchain list | grep -q '^nightly'; then
   log "installing nightly toolchain"
   rustup toolchain install nightly --profile minimal
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly
-fi
+for comp in rust-src clippy rustfmt; do
+  if ! rustup component list --toolchain nightly --installed | grep -q "^$comp"; then
+    log "adding $comp to nightly"
+    rustup component add "$comp" --toolchain nightly
+  fi
+done
+for comp in clippy rustfmt; do
+  if ! rustup component list --installed | grep -q "^$comp"; then
+    log "adding $comp to the default toolchain"
+    rustup component add "$comp"
+  fi
+done
 
 # bpf-linker must link against the same LLVM major version the nightly rustc uses.
 NIGHTLY_SYSROOT="$(rustc +nightly --print sysroot)"

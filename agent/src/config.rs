@@ -83,9 +83,9 @@ impl AgentArgs {
         let file = load_file(&self.config)?;
         let pod_cidr = match (&self.pod_cidr, &file.pod_cidr) {
             (Some(c), _) => *c,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| Error::Config(format!("{}: pod-cidr {s:?}: {e}", self.config.display())))?,
+            (None, Some(s)) => s.parse().map_err(|e| {
+                Error::Config(format!("{}: pod-cidr {s:?}: {e}", self.config.display()))
+            })?,
             (None, None) => DEFAULT_POD_CIDR.parse().expect("default CIDR"),
         };
         crate::ipam::validate_pod_cidr(&pod_cidr)?;
@@ -97,17 +97,33 @@ impl AgentArgs {
             .node_name
             .clone()
             .or(file.node_name)
-            .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
+            .or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .map(|h| h.to_string_lossy().into_owned())
+            })
             .unwrap_or_else(|| "unknown".into());
         Ok(Settings {
-            socket: self.socket.clone().or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
-            state_dir: self.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            socket: self
+                .socket
+                .clone()
+                .or(file.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             cni_state_dir: self
                 .cni_state_dir
                 .clone()
                 .or(file.cni_state_dir)
                 .unwrap_or_else(|| DEFAULT_CNI_STATE_DIR.into()),
-            pin_root: self.pin_root.clone().or(file.pin_root).unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
+            pin_root: self
+                .pin_root
+                .clone()
+                .or(file.pin_root)
+                .unwrap_or_else(|| DEFAULT_PIN_ROOT.into()),
             pod_cidr,
             mtu,
             node_name,
@@ -137,15 +153,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("agent.toml");
         std::fs::write(&f, "pod-cidr = \"10.2.5.0/24\"\nmtu = 1400\n").unwrap();
-        let args = AgentArgs { config: f.clone(), mtu: Some(9000), ..Default::default() };
+        let args = AgentArgs {
+            config: f.clone(),
+            mtu: Some(9000),
+            ..Default::default()
+        };
         let s = args.resolve().unwrap();
         assert_eq!(s.pod_cidr.to_string(), "10.2.5.0/24");
         assert_eq!(s.mtu, 9000);
         std::fs::write(&f, "pod-cidr = \"10.3.0.0/24\"\n").unwrap();
-        assert!(args.resolve().unwrap_err().to_string().contains("10.3.0.0/16"));
+        assert!(
+            args.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("10.3.0.0/16")
+        );
         std::fs::write(&f, "bogus = 1\n").unwrap();
         assert!(args.resolve().is_err());
-        let missing = AgentArgs { config: dir.path().join("nope.toml"), ..Default::default() };
+        let missing = AgentArgs {
+            config: dir.path().join("nope.toml"),
+            ..Default::default()
+        };
         assert!(missing.resolve().is_err());
     }
 }

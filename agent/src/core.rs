@@ -9,8 +9,8 @@ use crate::{
 use berth_ebpf_common::{EP_FLAG_READY, EndpointInfo};
 use berth_proto::agent::{
     self as pb, AllocateRequest, AllocateResponse, Attachment, CheckRequest, CheckResponse,
-    CreateEndpointRequest, CreateEndpointResponse, GcRequest, GcResponse, LocalError,
-    LocalRequest, LocalResponse, ReleaseRequest, ReleaseResponse, StatusResponse, local_request::Op,
+    CreateEndpointRequest, CreateEndpointResponse, GcRequest, GcResponse, LocalError, LocalRequest,
+    LocalResponse, ReleaseRequest, ReleaseResponse, StatusResponse, local_request::Op,
     local_response,
 };
 use ipnet::Ipv4Net;
@@ -52,19 +52,27 @@ fn now_unix() -> i64 {
 }
 
 fn attachment_of(a: &Option<Attachment>) -> Result<(String, String)> {
-    let a = a.as_ref().ok_or_else(|| Error::InvalidArgument("attachment is missing".into()))?;
+    let a = a
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("attachment is missing".into()))?;
     if a.container_id.is_empty() || a.ifname.is_empty() {
-        return Err(Error::InvalidArgument("attachment needs container_id and ifname".into()));
+        return Err(Error::InvalidArgument(
+            "attachment needs container_id and ifname".into(),
+        ));
     }
     Ok((a.container_id.clone(), a.ifname.clone()))
 }
 
 fn mac6(v: &[u8], what: &str) -> Result<[u8; 6]> {
-    v.try_into().map_err(|_| Error::InvalidArgument(format!("{what} must be 6 bytes, got {}", v.len())))
+    v.try_into()
+        .map_err(|_| Error::InvalidArgument(format!("{what} must be 6 bytes, got {}", v.len())))
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl AgentCore {
@@ -80,7 +88,16 @@ impl AgentCore {
             tracing::warn!(old = %state.pod_cidr, new = %cidr, "pod CIDR changed with endpoints still allocated; they keep their addresses until deleted");
         }
         state.pod_cidr = cidr;
-        let core = AgentCore { cfg, inner: Mutex::new(Inner { state, store, dp, queue_drained: 0 }), started: Instant::now() };
+        let core = AgentCore {
+            cfg,
+            inner: Mutex::new(Inner {
+                state,
+                store,
+                dp,
+                queue_drained: 0,
+            }),
+            started: Instant::now(),
+        };
         core.reconcile()?;
         Ok(core)
     }
@@ -96,7 +113,8 @@ impl AgentCore {
             if ep.state != EndpointState::Ready {
                 continue;
             }
-            let present = nix::net::if_::if_nametoindex(ep.host_ifname.as_str()).ok() == Some(ep.host_ifindex);
+            let present = nix::net::if_::if_nametoindex(ep.host_ifname.as_str()).ok()
+                == Some(ep.host_ifindex);
             if !present {
                 tracing::warn!(endpoint = ep.id, ifname = %ep.host_ifname, "interface is gone; datapath entry removed, address kept until DEL or GC");
                 inner.dp.remove_endpoint(ep.address, ep.id)?;
@@ -108,7 +126,12 @@ impl AgentCore {
             inner.dp.upsert_endpoint(ep.address, endpoint_info(ep))?;
             programmed += 1;
         }
-        tracing::info!(endpoints = inner.state.endpoints.len(), programmed, reattached = reattach, "registry reconciled with datapath");
+        tracing::info!(
+            endpoints = inner.state.endpoints.len(),
+            programmed,
+            reattached = reattach,
+            "registry reconciled with datapath"
+        );
         Ok(())
     }
 
@@ -125,7 +148,8 @@ impl AgentCore {
         let address = if let Some(ep) = inner.state.endpoints.get(&k) {
             ep.address
         } else {
-            let used: BTreeSet<Ipv4Addr> = inner.state.endpoints.values().map(|e| e.address).collect();
+            let used: BTreeSet<Ipv4Addr> =
+                inner.state.endpoints.values().map(|e| e.address).collect();
             let ip = ipam::next_free(&self.cfg.pod_cidr, &used, inner.state.last_allocated)?;
             let pod = req.pod.unwrap_or_default();
             let id = inner.state.next_endpoint_id;
@@ -169,7 +193,9 @@ impl AgentCore {
     pub fn create_endpoint(&self, req: CreateEndpointRequest) -> Result<CreateEndpointResponse> {
         let (cid, ifname) = attachment_of(&req.attachment)?;
         if req.host_ifindex == 0 || req.host_ifname.is_empty() {
-            return Err(Error::InvalidArgument("host_ifindex and host_ifname are required".into()));
+            return Err(Error::InvalidArgument(
+                "host_ifindex and host_ifname are required".into(),
+            ));
         }
         let pod_mac = mac6(&req.pod_mac, "pod_mac")?;
         let host_mac = mac6(&req.host_mac, "host_mac")?;
@@ -177,7 +203,9 @@ impl AgentCore {
         let inner = &mut *g;
         let k = store::key(&cid, &ifname);
         let Some(ep) = inner.state.endpoints.get(&k).cloned() else {
-            return Err(Error::NotFound(format!("no address allocated for {cid}/{ifname}; Allocate first")));
+            return Err(Error::NotFound(format!(
+                "no address allocated for {cid}/{ifname}; Allocate first"
+            )));
         };
         let mut ep = ep;
         ep.host_ifname = req.host_ifname;
@@ -213,7 +241,9 @@ impl AgentCore {
     pub fn release(&self, req: ReleaseRequest) -> Result<ReleaseResponse> {
         let (cid, ifname) = attachment_of(&req.attachment)?;
         let mut g = self.inner.lock().unwrap();
-        Ok(ReleaseResponse { released: Self::release_locked(&mut g, &cid, &ifname)? })
+        Ok(ReleaseResponse {
+            released: Self::release_locked(&mut g, &cid, &ifname)?,
+        })
     }
 
     /// The endpoint of an attachment (CHECK).
@@ -225,13 +255,18 @@ impl AgentCore {
             .endpoints
             .get(&store::key(&cid, &ifname))
             .ok_or_else(|| Error::NotFound(format!("no endpoint for {cid}/{ifname}")))?;
-        Ok(CheckResponse { endpoint: Some(self.to_proto(&*g.dp, ep)) })
+        Ok(CheckResponse {
+            endpoint: Some(self.to_proto(&*g.dp, ep)),
+        })
     }
 
     /// Releases every attachment not in `valid`.
     pub fn gc(&self, req: GcRequest) -> Result<GcResponse> {
-        let valid: HashSet<(String, String)> =
-            req.valid.into_iter().map(|a| (a.container_id, a.ifname)).collect();
+        let valid: HashSet<(String, String)> = req
+            .valid
+            .into_iter()
+            .map(|a| (a.container_id, a.ifname))
+            .collect();
         let mut g = self.inner.lock().unwrap();
         let stale: Vec<(String, String)> = g
             .state
@@ -244,7 +279,10 @@ impl AgentCore {
         let mut first_err = None;
         for (cid, ifname) in stale {
             match Self::release_locked(&mut g, &cid, &ifname) {
-                Ok(_) => released.push(Attachment { container_id: cid, ifname }),
+                Ok(_) => released.push(Attachment {
+                    container_id: cid,
+                    ifname,
+                }),
                 Err(e) => {
                     tracing::warn!(container = %cid, ifname = %ifname, error = %e, "GC: release failed");
                     first_err.get_or_insert(e);
@@ -273,9 +311,14 @@ impl AgentCore {
             if name.starts_with('.') || !name.ends_with(".json") {
                 continue;
             }
-            let parsed = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            let parsed = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
             let pair = parsed.as_ref().and_then(|v| {
-                Some((v.get("containerID")?.as_str()?.to_string(), v.get("ifname")?.as_str()?.to_string()))
+                Some((
+                    v.get("containerID")?.as_str()?.to_string(),
+                    v.get("ifname")?.as_str()?.to_string(),
+                ))
             });
             match pair {
                 Some((cid, ifname)) => {
@@ -283,9 +326,12 @@ impl AgentCore {
                     let released = Self::release_locked(&mut g, &cid, &ifname)?;
                     tracing::info!(container = %cid, ifname = %ifname, released, "delete queue entry applied");
                 }
-                None => tracing::warn!(file = %path.display(), "unreadable delete queue entry dropped"),
+                None => {
+                    tracing::warn!(file = %path.display(), "unreadable delete queue entry dropped")
+                }
             }
-            std::fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
             drained += 1;
         }
         self.inner.lock().unwrap().queue_drained += drained;
@@ -320,14 +366,21 @@ impl AgentCore {
     /// Every endpoint with its counters.
     pub fn list_endpoints(&self) -> Vec<pb::Endpoint> {
         let g = self.inner.lock().unwrap();
-        g.state.endpoints.values().map(|e| self.to_proto(&*g.dp, e)).collect()
+        g.state
+            .endpoints
+            .values()
+            .map(|e| self.to_proto(&*g.dp, e))
+            .collect()
     }
 
     fn to_proto(&self, dp: &dyn Datapath, e: &EndpointRecord) -> pb::Endpoint {
         let s = dp.stats(e.id);
         pb::Endpoint {
             id: e.id,
-            attachment: Some(Attachment { container_id: e.container_id.clone(), ifname: e.ifname.clone() }),
+            attachment: Some(Attachment {
+                container_id: e.container_id.clone(),
+                ifname: e.ifname.clone(),
+            }),
             pod: Some(pb::PodRef {
                 namespace: e.pod_namespace.clone(),
                 name: e.pod_name.clone(),
@@ -370,9 +423,14 @@ impl AgentCore {
         };
         let result = result.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "local request failed");
-            R::Error(LocalError { code: e.local_code() as i32, message: e.to_string() })
+            R::Error(LocalError {
+                code: e.local_code() as i32,
+                message: e.to_string(),
+            })
         });
-        LocalResponse { result: Some(result) }
+        LocalResponse {
+            result: Some(result),
+        }
     }
 }
 
@@ -415,7 +473,10 @@ mod tests {
             Stats::default()
         }
         fn info(&self) -> Info {
-            Info { loaded: true, ..Info::default() }
+            Info {
+                loaded: true,
+                ..Info::default()
+            }
         }
         fn needs_reattach(&self) -> bool {
             false
@@ -423,16 +484,27 @@ mod tests {
     }
 
     fn core(dir: &Path, fake: Arc<Mutex<FakeState>>) -> AgentCore {
-        let cfg = CoreConfig { node_name: "n".into(), pod_cidr: "10.2.0.0/28".parse().unwrap(), mtu: 1500 };
+        let cfg = CoreConfig {
+            node_name: "n".into(),
+            pod_cidr: "10.2.0.0/28".parse().unwrap(),
+            mtu: 1500,
+        };
         AgentCore::new(cfg, Store::new(dir, false).unwrap(), Box::new(Fake(fake))).unwrap()
     }
 
     fn att(c: &str) -> Option<Attachment> {
-        Some(Attachment { container_id: c.into(), ifname: "eth0".into() })
+        Some(Attachment {
+            container_id: c.into(),
+            ifname: "eth0".into(),
+        })
     }
 
     fn alloc(core: &AgentCore, c: &str) -> Result<String> {
-        core.allocate(AllocateRequest { attachment: att(c), ..Default::default() }).map(|r| r.address)
+        core.allocate(AllocateRequest {
+            attachment: att(c),
+            ..Default::default()
+        })
+        .map(|r| r.address)
     }
 
     #[test]
@@ -441,7 +513,11 @@ mod tests {
         let fake = Arc::new(Mutex::new(FakeState::default()));
         let a = alloc(&core(dir.path(), fake.clone()), "c1").unwrap();
         let c = core(dir.path(), fake.clone());
-        assert_eq!(alloc(&c, "c1").unwrap(), a, "same attachment, same address after restart");
+        assert_eq!(
+            alloc(&c, "c1").unwrap(),
+            a,
+            "same attachment, same address after restart"
+        );
         assert_ne!(alloc(&c, "c2").unwrap(), a);
     }
 
@@ -454,10 +530,27 @@ mod tests {
             alloc(&c, &format!("c{i}")).unwrap();
         }
         assert!(matches!(alloc(&c, "c13"), Err(Error::Exhausted(_))));
-        assert!(c.release(ReleaseRequest { attachment: att("c0") }).unwrap().released);
-        assert!(!c.release(ReleaseRequest { attachment: att("c0") }).unwrap().released, "second release is a no-op");
+        assert!(
+            c.release(ReleaseRequest {
+                attachment: att("c0")
+            })
+            .unwrap()
+            .released
+        );
+        assert!(
+            !c.release(ReleaseRequest {
+                attachment: att("c0")
+            })
+            .unwrap()
+            .released,
+            "second release is a no-op"
+        );
         alloc(&c, "c13").unwrap();
-        let r = c.gc(GcRequest { valid: vec![att("c1").unwrap(), att("c2").unwrap()] }).unwrap();
+        let r = c
+            .gc(GcRequest {
+                valid: vec![att("c1").unwrap(), att("c2").unwrap()],
+            })
+            .unwrap();
         assert_eq!(r.released.len(), 11);
         assert_eq!(c.status().ipam.unwrap().allocated, 2);
     }
@@ -468,18 +561,51 @@ mod tests {
         let fake = Arc::new(Mutex::new(FakeState::default()));
         let c = core(dir.path(), fake.clone());
         let e = c
-            .create_endpoint(CreateEndpointRequest { attachment: att("x"), host_ifindex: 5, host_ifname: "bthx".into(), pod_mac: vec![2; 6], host_mac: vec![3; 6], netns: String::new() })
+            .create_endpoint(CreateEndpointRequest {
+                attachment: att("x"),
+                host_ifindex: 5,
+                host_ifname: "bthx".into(),
+                pod_mac: vec![2; 6],
+                host_mac: vec![3; 6],
+                netns: String::new(),
+            })
             .unwrap_err();
         assert!(matches!(e, Error::NotFound(_)), "{e}");
         alloc(&c, "x").unwrap();
-        let bad = c.create_endpoint(CreateEndpointRequest { attachment: att("x"), host_ifindex: 5, host_ifname: "bthx".into(), pod_mac: vec![2; 5], host_mac: vec![3; 6], netns: String::new() });
+        let bad = c.create_endpoint(CreateEndpointRequest {
+            attachment: att("x"),
+            host_ifindex: 5,
+            host_ifname: "bthx".into(),
+            pod_mac: vec![2; 5],
+            host_mac: vec![3; 6],
+            netns: String::new(),
+        });
         assert!(matches!(bad, Err(Error::InvalidArgument(_))));
-        c.create_endpoint(CreateEndpointRequest { attachment: att("x"), host_ifindex: 5, host_ifname: "bthx".into(), pod_mac: vec![2; 6], host_mac: vec![3; 6], netns: String::new() })
-            .unwrap();
+        c.create_endpoint(CreateEndpointRequest {
+            attachment: att("x"),
+            host_ifindex: 5,
+            host_ifname: "bthx".into(),
+            pod_mac: vec![2; 6],
+            host_mac: vec![3; 6],
+            netns: String::new(),
+        })
+        .unwrap();
         assert_eq!(fake.lock().unwrap().entries.len(), 1);
         assert_eq!(fake.lock().unwrap().attached, vec!["bthx".to_string()]);
-        assert_eq!(c.check(CheckRequest { attachment: att("x") }).unwrap().endpoint.unwrap().state, "ready");
-        c.release(ReleaseRequest { attachment: att("x") }).unwrap();
+        assert_eq!(
+            c.check(CheckRequest {
+                attachment: att("x")
+            })
+            .unwrap()
+            .endpoint
+            .unwrap()
+            .state,
+            "ready"
+        );
+        c.release(ReleaseRequest {
+            attachment: att("x"),
+        })
+        .unwrap();
         assert!(fake.lock().unwrap().entries.is_empty());
     }
 
@@ -492,7 +618,11 @@ mod tests {
         alloc(&c, "q1").unwrap();
         let q = cni.path().join("delete-queue");
         std::fs::create_dir_all(&q).unwrap();
-        std::fs::write(q.join("q1_eth0.json"), r#"{"containerID":"q1","ifname":"eth0"}"#).unwrap();
+        std::fs::write(
+            q.join("q1_eth0.json"),
+            r#"{"containerID":"q1","ifname":"eth0"}"#,
+        )
+        .unwrap();
         std::fs::write(q.join("junk.json"), "nope").unwrap();
         assert_eq!(c.drain_delete_queue(cni.path()).unwrap(), 2);
         assert_eq!(c.status().ipam.unwrap().allocated, 0);
@@ -503,9 +633,13 @@ mod tests {
     fn missing_attachment_is_invalid_argument() {
         let dir = tempfile::tempdir().unwrap();
         let c = core(dir.path(), Arc::new(Mutex::new(FakeState::default())));
-        let r = c.handle_local(LocalRequest { op: Some(Op::Allocate(AllocateRequest::default())) });
+        let r = c.handle_local(LocalRequest {
+            op: Some(Op::Allocate(AllocateRequest::default())),
+        });
         match r.result {
-            Some(local_response::Result::Error(e)) => assert_eq!(e.code(), pb::local_error::Code::InvalidArgument),
+            Some(local_response::Result::Error(e)) => {
+                assert_eq!(e.code(), pb::local_error::Code::InvalidArgument)
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -25,7 +25,8 @@ use std::{
 };
 
 /// The compiled kernel object (built by agent/build.rs from ebpf/berth-ebpf).
-pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/berth.bpf.o"));
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/berth.bpf.o"));
 
 /// tc priority and handle of Berth's filters.
 const TC_PRIORITY: u16 = 1;
@@ -70,13 +71,15 @@ pub trait Datapath: Send {
 
 /// A 64-bit FNV-1a digest (identifies the kernel object whose programs are pinned).
 fn fnv64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11; // statfs f_type of bpffs
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure the pin root can live on a bpf filesystem: mounts bpffs at /sys/fs/bpf when the
@@ -85,8 +88,14 @@ fn is_bpffs(path: &Path) -> bool {
 fn prepare_pin_root(pin_root: &Path) -> Result<()> {
     let sysfs_bpf = Path::new("/sys/fs/bpf");
     if pin_root.starts_with(sysfs_bpf) && sysfs_bpf.is_dir() && !is_bpffs(sysfs_bpf) {
-        nix::mount::mount(Some("bpf"), sysfs_bpf, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| Error::io("mount bpffs at /sys/fs/bpf", e.into()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            sysfs_bpf,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::io("mount bpffs at /sys/fs/bpf", e.into()))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
     for d in [pin_root.join("maps"), pin_root.join("progs")] {
@@ -151,11 +160,13 @@ impl EbpfDatapath {
         }
 
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name).ok_or_else(|| Error::Datapath(format!("map {name} missing from object")))
+            ebpf.take_map(name)
+                .ok_or_else(|| Error::Datapath(format!("map {name} missing from object")))
         };
         let endpoints = HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?)?;
         let metrics = PerCpuHashMap::try_from(take(&mut ebpf, MAP_METRICS)?)?;
-        let mut cfg: Array<MapData, DatapathConfig> = Array::try_from(take(&mut ebpf, MAP_CONFIG)?)?;
+        let mut cfg: Array<MapData, DatapathConfig> =
+            Array::try_from(take(&mut ebpf, MAP_CONFIG)?)?;
         cfg.set(0, config, 0)?;
         tracing::info!(
             pin_root = %pin_root.display(),
@@ -163,15 +174,24 @@ impl EbpfDatapath {
             "datapath {}",
             if adopted { "adopted from pins" } else { "loaded and pinned" }
         );
-        Ok(EbpfDatapath { _ebpf: ebpf, progs, endpoints, metrics, pin_root: pin_root.into(), adopted })
+        Ok(EbpfDatapath {
+            _ebpf: ebpf,
+            progs,
+            endpoints,
+            metrics,
+            pin_root: pin_root.into(),
+            adopted,
+        })
     }
 
     fn sum(&self, endpoint_id: u32, kind: u32) -> MetricValue {
         match self.metrics.get(&MetricKey { endpoint_id, kind }, 0) {
-            Ok(per_cpu) => per_cpu.iter().fold(MetricValue::default(), |acc, v| MetricValue {
-                packets: acc.packets + v.packets,
-                bytes: acc.bytes + v.bytes,
-            }),
+            Ok(per_cpu) => per_cpu
+                .iter()
+                .fold(MetricValue::default(), |acc, v| MetricValue {
+                    packets: acc.packets + v.packets,
+                    bytes: acc.bytes + v.bytes,
+                }),
             Err(_) => MetricValue::default(),
         }
     }
@@ -179,7 +199,8 @@ impl EbpfDatapath {
 
 impl Datapath for EbpfDatapath {
     fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
-        self.endpoints.insert(u32::from_ne_bytes(ip.octets()), info, 0)?;
+        self.endpoints
+            .insert(u32::from_ne_bytes(ip.octets()), info, 0)?;
         Ok(())
     }
 
@@ -204,17 +225,26 @@ impl Datapath for EbpfDatapath {
     fn attach(&mut self, ifname: &str) -> Result<()> {
         // EEXIST when the interface already has the qdisc.
         let _ = tc::qdisc_add_clsact(ifname);
-        for (name, attach_type) in [(PROG_FROM_POD, TcAttachType::Ingress), (PROG_TO_POD, TcAttachType::Egress)] {
+        for (name, attach_type) in [
+            (PROG_FROM_POD, TcAttachType::Ingress),
+            (PROG_TO_POD, TcAttachType::Egress),
+        ] {
             let prog = self.progs.get_mut(name).expect("program loaded");
-            let opts = TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE });
+            let opts = TcAttachOptions::Netlink(NlOptions {
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE,
+            });
             let id = match prog.attach_with_options(ifname, attach_type, opts) {
                 Ok(id) => id,
                 Err(create_err) => {
                     // Already attached (agent restart, retry): atomically replace the program.
-                    let link = SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
-                        .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
+                    let link =
+                        SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
+                            .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
                     prog.attach_to_link(link).map_err(|e| {
-                        Error::Datapath(format!("attach {name} to {ifname}: {create_err}; replace: {e}"))
+                        Error::Datapath(format!(
+                            "attach {name} to {ifname}: {create_err}; replace: {e}"
+                        ))
                     })?
                 }
             };
@@ -235,7 +265,13 @@ impl Datapath for EbpfDatapath {
                 drops.insert(drop_reason::name(r).to_string(), d.packets);
             }
         }
-        Stats { tx_packets: tx.packets, tx_bytes: tx.bytes, rx_packets: rx.packets, rx_bytes: rx.bytes, drops }
+        Stats {
+            tx_packets: tx.packets,
+            tx_bytes: tx.bytes,
+            rx_packets: rx.packets,
+            rx_bytes: rx.bytes,
+            drops,
+        }
     }
 
     fn info(&self) -> Info {
@@ -262,16 +298,26 @@ mod tests {
     fn object_contains_the_names_userspace_uses() {
         let obj = aya_obj_names(BPF_OBJECT);
         for m in ALL_MAPS {
-            assert!(obj.contains(&m.to_string()), "map {m} missing from object ({obj:?})");
+            assert!(
+                obj.contains(&m.to_string()),
+                "map {m} missing from object ({obj:?})"
+            );
         }
         for p in ALL_PROGRAMS {
-            assert!(obj.contains(&p.to_string()), "program {p} missing from object ({obj:?})");
+            assert!(
+                obj.contains(&p.to_string()),
+                "program {p} missing from object ({obj:?})"
+            );
         }
     }
 
     /// Parses the object with aya's loader-side parser and lists its map and program names.
     fn aya_obj_names(data: &[u8]) -> Vec<String> {
         let obj = aya_obj::Object::parse(data).expect("parse object");
-        obj.maps.keys().cloned().chain(obj.programs.keys().cloned()).collect()
+        obj.maps
+            .keys()
+            .cloned()
+            .chain(obj.programs.keys().cloned())
+            .collect()
     }
 }

@@ -4,8 +4,10 @@ use ipnet::Ipv4Net;
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 /// Ranges that must never be handed to pods (REFERENCE §6: MKS service range, Docker's default).
-pub const RESERVED: [(&str, &str); 2] =
-    [("10.3.0.0/16", "the Kubernetes service (ClusterIP) range"), ("172.17.0.0/16", "the container runtime's bridge range")];
+pub const RESERVED: [(&str, &str); 2] = [
+    ("10.3.0.0/16", "the Kubernetes service (ClusterIP) range"),
+    ("172.17.0.0/16", "the container runtime's bridge range"),
+];
 
 /// Link-local gateway every pod routes through; answered by the host-side veth's MAC.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -18,12 +20,21 @@ pub fn validate_pod_cidr(cidr: &Ipv4Net) -> Result<()> {
         )));
     }
     if *cidr != cidr.trunc() {
-        return Err(Error::Config(format!("pod CIDR {cidr} has host bits set (use {})", cidr.trunc())));
+        return Err(Error::Config(format!(
+            "pod CIDR {cidr} has host bits set (use {})",
+            cidr.trunc()
+        )));
     }
     for (r, what) in RESERVED {
         let r: Ipv4Net = r.parse().expect("reserved range");
-        if r.contains(cidr) || cidr.contains(&r) || r.contains(&cidr.network()) || cidr.contains(&r.network()) {
-            return Err(Error::Config(format!("pod CIDR {cidr} overlaps {r}, {what}")));
+        if r.contains(cidr)
+            || cidr.contains(&r)
+            || r.contains(&cidr.network())
+            || cidr.contains(&r.network())
+        {
+            return Err(Error::Config(format!(
+                "pod CIDR {cidr} overlaps {r}, {what}"
+            )));
         }
     }
     Ok(())
@@ -37,7 +48,11 @@ pub fn capacity(cidr: &Ipv4Net) -> u32 {
 
 /// Picks the next free address after `last` (round robin, as host-local does, so a just-freed
 /// address is not handed out again at once).
-pub fn next_free(cidr: &Ipv4Net, used: &BTreeSet<Ipv4Addr>, last: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+pub fn next_free(
+    cidr: &Ipv4Net,
+    used: &BTreeSet<Ipv4Addr>,
+    last: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
     let base = u32::from(cidr.network());
     let size = 1u32 << (32 - cidr.prefix_len());
     let first = 2u32; // .0 network, .1 reserved for the node
@@ -88,10 +103,16 @@ mod tests {
             assert!(used.insert(ip), "{ip} handed out twice");
             last = Some(ip);
         }
-        assert!(matches!(next_free(&cidr, &used, last), Err(Error::Exhausted(_))));
+        assert!(matches!(
+            next_free(&cidr, &used, last),
+            Err(Error::Exhausted(_))
+        ));
         // Freeing one makes exactly that one available, even though the cursor is past it.
         used.remove(&Ipv4Addr::new(10, 2, 0, 5));
-        assert_eq!(next_free(&cidr, &used, last).unwrap(), Ipv4Addr::new(10, 2, 0, 5));
+        assert_eq!(
+            next_free(&cidr, &used, last).unwrap(),
+            Ipv4Addr::new(10, 2, 0, 5)
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! (`berth.agent.v1.Agent`, for berthctl) and the framed protocol the CNI plugin uses. The first
 //! bytes of a connection decide: the framed protocol starts with the magic `BRT1`, HTTP/2 with its
 //! connection preface.
-use crate::{core::AgentCore, error::{Error, Result}};
+use crate::{
+    core::AgentCore,
+    error::{Error, Result},
+};
 use berth_proto::agent::{
     AllocateRequest, AllocateResponse, CheckRequest, CheckResponse, CreateEndpointRequest,
     CreateEndpointResponse, GcRequest, GcResponse, ListEndpointsRequest, ListEndpointsResponse,
@@ -36,10 +39,11 @@ pub async fn bind(socket: &Path) -> Result<UnixListener> {
             .map_err(|e| Error::io(format!("remove stale socket {}", socket.display()), e))?;
     }
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     }
-    let listener =
-        UnixListener::bind(socket).map_err(|e| Error::io(format!("bind {}", socket.display()), e))?;
+    let listener = UnixListener::bind(socket)
+        .map_err(|e| Error::io(format!("bind {}", socket.display()), e))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("chmod {}", socket.display()), e))?;
     Ok(listener)
@@ -103,9 +107,18 @@ async fn sniff(stream: &UnixStream) -> std::io::Result<bool> {
         stream.readable().await?;
         let n = match stream.try_io(Interest::READABLE, || {
             let r = unsafe {
-                libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK)
+                libc::recv(
+                    stream.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK,
+                )
             };
-            if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r as usize) }
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            }
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -131,11 +144,17 @@ async fn serve_framed(core: Arc<AgentCore>, mut stream: UnixStream) -> std::io::
             Err(e) => return Err(e),
         }
         if &head[..4] != MAGIC {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad frame magic"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "bad frame magic",
+            ));
         }
         let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
         if len > MAX_FRAME {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "frame too large",
+            ));
         }
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
@@ -179,7 +198,10 @@ async fn blocking<T: Send + 'static>(
 
 #[tonic::async_trait]
 impl Agent for AgentSvc {
-    async fn status(&self, _: Request<StatusRequest>) -> std::result::Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<StatusRequest>,
+    ) -> std::result::Result<Response<StatusResponse>, Status> {
         let core = self.0.clone();
         blocking(move || Ok(core.status())).await
     }
@@ -188,9 +210,17 @@ impl Agent for AgentSvc {
         _: Request<ListEndpointsRequest>,
     ) -> std::result::Result<Response<ListEndpointsResponse>, Status> {
         let core = self.0.clone();
-        blocking(move || Ok(ListEndpointsResponse { endpoints: core.list_endpoints() })).await
+        blocking(move || {
+            Ok(ListEndpointsResponse {
+                endpoints: core.list_endpoints(),
+            })
+        })
+        .await
     }
-    async fn allocate(&self, r: Request<AllocateRequest>) -> std::result::Result<Response<AllocateResponse>, Status> {
+    async fn allocate(
+        &self,
+        r: Request<AllocateRequest>,
+    ) -> std::result::Result<Response<AllocateResponse>, Status> {
         let core = self.0.clone();
         blocking(move || core.allocate(r.into_inner())).await
     }
@@ -201,11 +231,17 @@ impl Agent for AgentSvc {
         let core = self.0.clone();
         blocking(move || core.create_endpoint(r.into_inner())).await
     }
-    async fn release(&self, r: Request<ReleaseRequest>) -> std::result::Result<Response<ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        r: Request<ReleaseRequest>,
+    ) -> std::result::Result<Response<ReleaseResponse>, Status> {
         let core = self.0.clone();
         blocking(move || core.release(r.into_inner())).await
     }
-    async fn check(&self, r: Request<CheckRequest>) -> std::result::Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        r: Request<CheckRequest>,
+    ) -> std::result::Result<Response<CheckResponse>, Status> {
         let core = self.0.clone();
         blocking(move || core.check(r.into_inner())).await
     }
@@ -218,13 +254,19 @@ impl Agent for AgentSvc {
 /// A gRPC client of the agent over its unix socket (for berthctl and tests).
 pub async fn connect_grpc(
     socket: &Path,
-) -> std::result::Result<berth_proto::agent::agent_client::AgentClient<tonic::transport::Channel>, tonic::transport::Error>
-{
+) -> std::result::Result<
+    berth_proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
+    tonic::transport::Error,
+> {
     let path = socket.to_path_buf();
     let channel = tonic::transport::Endpoint::from_static("http://berth-agent.local")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
-            async move { UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+            async move {
+                UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
         }))
         .await?;
     Ok(berth_proto::agent::agent_client::AgentClient::new(channel))

@@ -62,8 +62,12 @@ pub struct Store {
 
 impl Store {
     pub fn new(dir: &Path, fsync: bool) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        Ok(Store { path: dir.join("state.json"), fsync })
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        Ok(Store {
+            path: dir.join("state.json"),
+            fsync,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -77,9 +81,11 @@ impl Store {
                 path: self.path.display().to_string(),
                 reason: format!("corrupt ({e}); move it away to start with empty state"),
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(State { format: 1, next_endpoint_id: 1, ..State::default() })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State {
+                format: 1,
+                next_endpoint_id: 1,
+                ..State::default()
+            }),
             Err(e) => Err(Error::io(format!("read {}", self.path.display()), e)),
         }
     }

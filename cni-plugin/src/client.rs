@@ -68,11 +68,17 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut head = [0u8; 8];
     r.read_exact(&mut head)?;
     if &head[..4] != MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad frame magic"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad frame magic",
+        ));
     }
     let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes too large")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes too large"),
+        ));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;

@@ -71,8 +71,11 @@ impl Env {
             Command::Gc => &["CNI_PATH"],
             Command::Version | Command::Status => &[],
         };
-        let missing: Vec<&str> =
-            required.iter().copied().filter(|k| nonempty(k).is_none()).collect();
+        let missing: Vec<&str> = required
+            .iter()
+            .copied()
+            .filter(|k| nonempty(k).is_none())
+            .collect();
         if !missing.is_empty() {
             return Err(Error::InvalidEnv(format!(
                 "required for {cmd:?} but missing or empty: {}",
@@ -85,7 +88,12 @@ impl Env {
             ifname: nonempty("CNI_IFNAME").unwrap_or_default(),
             args: BTreeMap::new(),
             path: nonempty("CNI_PATH")
-                .map(|p| p.split(':').filter(|s| !s.is_empty()).map(String::from).collect())
+                .map(|p| {
+                    p.split(':')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default(),
         };
         if !env.container_id.is_empty() {
@@ -133,7 +141,9 @@ pub fn validate_ifname(name: &str) -> Result<()> {
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
     } else {
@@ -154,7 +164,9 @@ pub fn parse_args(s: &str) -> Result<BTreeMap<String, String>> {
             )));
         };
         if k.is_empty() {
-            return Err(Error::InvalidEnv(format!("CNI_ARGS element {pair:?} has an empty key")));
+            return Err(Error::InvalidEnv(format!(
+                "CNI_ARGS element {pair:?} has an empty key"
+            )));
         }
         out.insert(k.to_string(), v.to_string());
     }
@@ -201,7 +213,9 @@ impl NetConf {
     /// Parses and validates stdin.
     pub fn parse(input: &[u8]) -> Result<Self> {
         if input.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(Error::Decode("stdin is empty; expected the network configuration JSON".into()));
+            return Err(Error::Decode(
+                "stdin is empty; expected the network configuration JSON".into(),
+            ));
         }
         let conf: NetConf =
             serde_json::from_slice(input).map_err(|e| Error::Decode(e.to_string()))?;
@@ -231,7 +245,9 @@ impl NetConf {
         if let Some(s) = &conf.agent_socket
             && !s.starts_with('/')
         {
-            return Err(Error::InvalidConfig(format!("agentSocket {s:?} must be an absolute path")));
+            return Err(Error::InvalidConfig(format!(
+                "agentSocket {s:?} must be an absolute path"
+            )));
         }
         Ok(conf)
     }
@@ -277,7 +293,11 @@ mod tests {
     use super::*;
 
     fn vars<'a>(kv: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| kv.iter().find(|(key, _)| *key == k).map(|(_, v)| v.to_string())
+        move |k| {
+            kv.iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -290,9 +310,11 @@ mod tests {
 
     #[test]
     fn del_does_not_need_netns() {
-        let env =
-            Env::from_vars(Command::Del, vars(&[("CNI_CONTAINERID", "a1"), ("CNI_IFNAME", "eth0")]))
-                .unwrap();
+        let env = Env::from_vars(
+            Command::Del,
+            vars(&[("CNI_CONTAINERID", "a1"), ("CNI_IFNAME", "eth0")]),
+        )
+        .unwrap();
         assert!(env.netns.is_none());
     }
 
@@ -322,7 +344,10 @@ mod tests {
         )
         .unwrap();
         let pod = env.pod();
-        assert_eq!((pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()), ("default", "web-0", "u1"));
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
+            ("default", "web-0", "u1")
+        );
         assert_eq!(parse_args("novalue").unwrap_err().code(), 4);
     }
 

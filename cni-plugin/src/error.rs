@@ -27,13 +27,20 @@ pub enum Error {
     #[error("incompatible CNI version {version:?}: berth supports {supported}")]
     IncompatibleVersion { version: String, supported: String },
     #[error("unsupported field {key}={value}: {why}")]
-    UnsupportedField { key: String, value: String, why: String },
+    UnsupportedField {
+        key: String,
+        value: String,
+        why: String,
+    },
     #[error("unknown container {0}")]
     UnknownContainer(String),
     #[error("invalid environment variables: {0}")]
     InvalidEnv(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("cannot decode network configuration on stdin: {0}")]
     Decode(String),
     #[error("invalid network configuration: {0}")]
@@ -93,7 +100,10 @@ impl Error {
 
     /// Helper for I/O errors with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The error JSON the runtime reads from stdout.

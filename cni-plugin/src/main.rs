@@ -24,7 +24,10 @@ fn main() {
     if command.is_empty() {
         let arg = std::env::args().nth(1).unwrap_or_default();
         if arg == "--help" || arg == "-h" || arg == "--version" {
-            println!("{HELP}\n\nberth {} (CNI {CURRENT_VERSION})", env!("CARGO_PKG_VERSION"));
+            println!(
+                "{HELP}\n\nberth {} (CNI {CURRENT_VERSION})",
+                env!("CARGO_PKG_VERSION")
+            );
             return;
         }
     }
@@ -51,16 +54,19 @@ fn run(command: &str) -> i32 {
         }
         let started = std::time::Instant::now();
         let out = plugin::run(cmd, &env, &input);
-        log(&input, &format!(
-            "{command} container={} ifname={} -> {} in {:?}",
-            env.container_id,
-            env.ifname,
-            match &out {
-                Ok(_) => "ok".to_string(),
-                Err(e) => format!("error {}: {e}", e.code()),
-            },
-            started.elapsed()
-        ));
+        log(
+            &input,
+            &format!(
+                "{command} container={} ifname={} -> {} in {:?}",
+                env.container_id,
+                env.ifname,
+                match &out {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => format!("error {}: {e}", e.code()),
+                },
+                started.elapsed()
+            ),
+        );
         out
     })();
     let stdout = std::io::stdout();
@@ -87,7 +93,11 @@ fn log(input: &[u8], line: &str) {
     else {
         return;
     };
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())

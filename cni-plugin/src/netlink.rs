@@ -47,10 +47,18 @@ impl Netlink {
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
         let _ = sock.set_ext_ack(true);
-        Ok(Netlink { sock, seq: 0, buf: vec![0; 64 * 1024] })
+        Ok(Netlink {
+            sock,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
     }
 
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -98,7 +106,12 @@ impl Netlink {
     }
 
     fn link_from(msg: &LinkMessage) -> Link {
-        let mut link = Link { index: msg.header.index, name: String::new(), mac: [0; 6], mtu: 0 };
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mac: [0; 6],
+            mtu: 0,
+        };
         for a in &msg.attributes {
             match a {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
@@ -126,7 +139,10 @@ impl Netlink {
 
     /// All links of the namespace.
     pub fn links(&mut self) -> io::Result<Vec<Link>> {
-        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        let replies = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
         Ok(replies
             .iter()
             .filter_map(|r| match r {
@@ -145,17 +161,23 @@ impl Netlink {
         mtu: u32,
     ) -> io::Result<()> {
         let mut peer = LinkMessage::default();
-        peer.attributes.push(LinkAttribute::IfName(peer_name.to_string()));
+        peer.attributes
+            .push(LinkAttribute::IfName(peer_name.to_string()));
         peer.attributes.push(LinkAttribute::Mtu(mtu));
-        peer.attributes.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+        peer.attributes
+            .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
         let mut msg = LinkMessage::default();
-        msg.attributes.push(LinkAttribute::IfName(host_name.to_string()));
+        msg.attributes
+            .push(LinkAttribute::IfName(host_name.to_string()));
         msg.attributes.push(LinkAttribute::Mtu(mtu));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)?;
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )?;
         Ok(())
     }
 
@@ -195,9 +217,14 @@ impl Netlink {
         msg.header.prefix_len = prefix;
         msg.header.index = index;
         msg.header.scope = AddressScope::Universe;
-        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
-        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
-        self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(addr)));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(addr)));
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
         Ok(())
     }
 
@@ -234,16 +261,25 @@ impl Netlink {
         msg.header.destination_prefix_length = prefix;
         msg.header.table = RouteHeader::RT_TABLE_MAIN;
         msg.header.protocol = RouteProtocol::Boot;
-        msg.header.scope = if gateway.is_some() { RouteScope::Universe } else { RouteScope::Link };
+        msg.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
         msg.header.kind = RouteType::Unicast;
         if prefix > 0 {
-            msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
         }
         if let Some(gw) = gateway {
-            msg.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
         }
         msg.attributes.push(RouteAttribute::Oif(oif));
-        self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
         Ok(())
     }
 
@@ -254,9 +290,14 @@ impl Netlink {
         msg.header.ifindex = index;
         msg.header.state = NeighbourState::Permanent;
         msg.header.kind = RouteType::Unicast;
-        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        msg.attributes.push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
-        self.request(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+        self.request(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
         Ok(())
     }
 }
@@ -275,5 +316,8 @@ pub fn in_netns<T>(netns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) -> 
 
 /// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

@@ -12,13 +12,7 @@ use berth_proto::agent::{
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::{
-    collections::HashSet,
-    fs::File,
-    net::Ipv4Addr,
-    os::fd::AsFd,
-    time::Duration,
-};
+use std::{collections::HashSet, fs::File, net::Ipv4Addr, os::fd::AsFd, time::Duration};
 
 /// Prefix of every host-side veth Berth creates.
 pub const HOST_IF_PREFIX: &str = "bth";
@@ -56,32 +50,40 @@ pub fn version_json() -> Value {
 }
 
 fn attachment(env: &Env) -> Attachment {
-    Attachment { container_id: env.container_id.clone(), ifname: env.ifname.clone() }
+    Attachment {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    }
 }
 
 fn connect(conf: &NetConf) -> Result<AgentClient> {
     let socket = conf.agent_socket();
-    AgentClient::connect(&socket, AGENT_TIMEOUT)
-        .map_err(|e| Error::AgentUnreachable { socket, reason: e.to_string() })
+    AgentClient::connect(&socket, AGENT_TIMEOUT).map_err(|e| Error::AgentUnreachable {
+        socket,
+        reason: e.to_string(),
+    })
 }
 
 fn agent_err(conf: &NetConf, e: CallError) -> Error {
     match e {
-        CallError::Unreachable(io) => {
-            Error::AgentUnreachable { socket: conf.agent_socket(), reason: io.to_string() }
-        }
+        CallError::Unreachable(io) => Error::AgentUnreachable {
+            socket: conf.agent_socket(),
+            reason: io.to_string(),
+        },
         CallError::Agent(Code::Exhausted, m) => Error::Exhausted(m),
         CallError::Agent(Code::NotFound, m) => Error::UnknownContainer(m),
-        CallError::Agent(Code::Unavailable, m) => {
-            Error::AgentUnreachable { socket: conf.agent_socket(), reason: m }
-        }
+        CallError::Agent(Code::Unavailable, m) => Error::AgentUnreachable {
+            socket: conf.agent_socket(),
+            reason: m,
+        },
         CallError::Agent(Code::InvalidArgument, m) => Error::InvalidConfig(m),
         CallError::Agent(_, m) => Error::Agent(m),
     }
 }
 
 fn open_netns(path: &str) -> Result<File> {
-    File::open(path).map_err(|e| Error::InvalidEnv(format!("CNI_NETNS={path:?} cannot be opened: {e}")))
+    File::open(path)
+        .map_err(|e| Error::InvalidEnv(format!("CNI_NETNS={path:?} cannot be opened: {e}")))
 }
 
 /// A netlink socket inside the namespace at `netns`.
@@ -97,8 +99,15 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value> {
     let netns_path = env.netns.clone().unwrap_or_default();
     let netns = open_netns(&netns_path)?;
     let mut pod_nl = pod_netlink(&netns)?;
-    if pod_nl.link_by_name(&env.ifname).map_err(|e| Error::io("look up interface", e))?.is_some() {
-        return Err(Error::InterfaceExists { ifname: env.ifname.clone(), netns: netns_path });
+    if pod_nl
+        .link_by_name(&env.ifname)
+        .map_err(|e| Error::io("look up interface", e))?
+        .is_some()
+    {
+        return Err(Error::InterfaceExists {
+            ifname: env.ifname.clone(),
+            netns: netns_path,
+        });
     }
     let mut client = connect(conf)?;
     let pod = env.pod();
@@ -118,12 +127,22 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value> {
     };
     let host_name = host_ifname(&env.container_id, &env.ifname);
     let mut host_nl = host_netlink()?;
-    match plumb(env, &netns, &mut host_nl, &mut pod_nl, &host_name, &alloc, &mut client) {
+    match plumb(
+        env,
+        &netns,
+        &mut host_nl,
+        &mut pod_nl,
+        &host_name,
+        &alloc,
+        &mut client,
+    ) {
         Ok(v) => Ok(add_prev_result(conf, v)),
         Err(e) => {
             // Undo: the interface pair and the address; DEL would do the same.
             let _ = host_nl.delete_link_by_name(&host_name);
-            let _ = client.call(Op::Release(ReleaseRequest { attachment: Some(attachment(env)) }));
+            let _ = client.call(Op::Release(ReleaseRequest {
+                attachment: Some(attachment(env)),
+            }));
             Err(e)
         }
     }
@@ -151,30 +170,47 @@ fn plumb(
     let mtu = if alloc.mtu == 0 { 1500 } else { alloc.mtu };
 
     // A host-side interface left by an ADD that crashed half-way.
-    host_nl.delete_link_by_name(host_name).map_err(io("remove stale host interface"))?;
+    host_nl
+        .delete_link_by_name(host_name)
+        .map_err(io("remove stale host interface"))?;
     host_nl
         .create_veth(host_name, &env.ifname, netns.as_fd(), mtu)
         .map_err(io("create veth pair"))?;
     let host = host_nl
         .link_by_name(host_name)
         .map_err(io("look up host interface"))?
-        .ok_or_else(|| Error::io("look up host interface", std::io::ErrorKind::NotFound.into()))?;
-    host_nl.set_up(host.index).map_err(io("set host interface up"))?;
+        .ok_or_else(|| {
+            Error::io(
+                "look up host interface",
+                std::io::ErrorKind::NotFound.into(),
+            )
+        })?;
+    host_nl
+        .set_up(host.index)
+        .map_err(io("set host interface up"))?;
 
     let pod = pod_nl
         .link_by_name(&env.ifname)
         .map_err(io("look up pod interface"))?
         .ok_or_else(|| Error::io("look up pod interface", std::io::ErrorKind::NotFound.into()))?;
-    pod_nl.add_address(pod.index, ip, prefix).map_err(io("add pod address"))?;
-    pod_nl.set_up(pod.index).map_err(io("set pod interface up"))?;
-    pod_nl.add_route(gateway, 32, None, pod.index).map_err(io("add gateway route"))?;
+    pod_nl
+        .add_address(pod.index, ip, prefix)
+        .map_err(io("add pod address"))?;
+    pod_nl
+        .set_up(pod.index)
+        .map_err(io("set pod interface up"))?;
+    pod_nl
+        .add_route(gateway, 32, None, pod.index)
+        .map_err(io("add gateway route"))?;
     pod_nl
         .add_neighbour(pod.index, gateway, host.mac)
         .map_err(io("add gateway neighbour"))?;
     pod_nl
         .add_route(Ipv4Addr::UNSPECIFIED, 0, Some(gateway), pod.index)
         .map_err(io("add default route"))?;
-    host_nl.add_route(ip, 32, None, host.index).map_err(io("add host route to pod"))?;
+    host_nl
+        .add_route(ip, 32, None, host.index)
+        .map_err(io("add host route to pod"))?;
 
     match client.call(Op::CreateEndpoint(CreateEndpointRequest {
         attachment: Some(attachment(env)),
@@ -211,10 +247,17 @@ fn plumb(
 /// Merges our result into `prevResult` when chained, and shapes it for the requested version.
 fn add_prev_result(conf: &NetConf, mut ours: Value) -> Value {
     if let Some(prev) = &conf.prev_result {
-        let base = prev.get("interfaces").and_then(Value::as_array).map_or(0, Vec::len);
+        let base = prev
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
         let mut merged = prev.clone();
         for key in ["interfaces", "ips", "routes"] {
-            let mut items = merged.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+            let mut items = merged
+                .get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             for mut item in ours[key].as_array().cloned().unwrap_or_default() {
                 if key == "ips"
                     && let Some(i) = item.get("interface").and_then(Value::as_u64)
@@ -244,7 +287,10 @@ fn add_prev_result(conf: &NetConf, mut ours: Value) -> Value {
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
     let bad = || Error::Agent(format!("agent returned bad address {s:?}"));
     let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
-    Ok((ip.parse().map_err(|_| bad())?, prefix.parse().map_err(|_| bad())?))
+    Ok((
+        ip.parse().map_err(|_| bad())?,
+        prefix.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<()> {
@@ -255,8 +301,10 @@ fn del(env: &Env, conf: &NetConf) -> Result<()> {
         .delete_link_by_name(&host_name)
         .map_err(|e| Error::io(format!("delete {host_name}"), e))?;
     let released = connect(conf).and_then(|mut c| {
-        c.call(Op::Release(ReleaseRequest { attachment: Some(attachment(env)) }))
-            .map_err(|e| agent_err(conf, e))
+        c.call(Op::Release(ReleaseRequest {
+            attachment: Some(attachment(env)),
+        }))
+        .map_err(|e| agent_err(conf, e))
     });
     match released {
         Ok(_) => Ok(()),
@@ -271,7 +319,9 @@ fn del(env: &Env, conf: &NetConf) -> Result<()> {
 
 fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let mut client = connect(conf)?;
-    let ep = match client.call(Op::Check(CheckRequest { attachment: Some(attachment(env)) })) {
+    let ep = match client.call(Op::Check(CheckRequest {
+        attachment: Some(attachment(env)),
+    })) {
         Ok(local_response::Result::Check(c)) => c
             .endpoint
             .ok_or_else(|| Error::UnknownContainer(env.container_id.clone()))?,
@@ -279,14 +329,19 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
         Err(e) => return Err(agent_err(conf, e)),
     };
     if ep.state != "ready" {
-        return Err(Error::CheckFailed(format!("endpoint {} is {}, not ready", ep.id, ep.state)));
+        return Err(Error::CheckFailed(format!(
+            "endpoint {} is {}, not ready",
+            ep.id, ep.state
+        )));
     }
     let (ip, prefix) = parse_cidr(&ep.address)?;
     let mut host_nl = host_netlink()?;
     let host = host_nl
         .link_by_name(&ep.host_ifname)
         .map_err(|e| Error::io("look up host interface", e))?
-        .ok_or_else(|| Error::CheckFailed(format!("host interface {} is missing", ep.host_ifname)))?;
+        .ok_or_else(|| {
+            Error::CheckFailed(format!("host interface {} is missing", ep.host_ifname))
+        })?;
     if host.index != ep.host_ifindex {
         return Err(Error::CheckFailed(format!(
             "host interface {} has index {}, endpoint expects {}",
@@ -298,8 +353,12 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let pod = pod_nl
         .link_by_name(&env.ifname)
         .map_err(|e| Error::io("look up pod interface", e))?
-        .ok_or_else(|| Error::CheckFailed(format!("interface {} is missing in the pod", env.ifname)))?;
-    let addrs = pod_nl.addresses(pod.index).map_err(|e| Error::io("list pod addresses", e))?;
+        .ok_or_else(|| {
+            Error::CheckFailed(format!("interface {} is missing in the pod", env.ifname))
+        })?;
+    let addrs = pod_nl
+        .addresses(pod.index)
+        .map_err(|e| Error::io("list pod addresses", e))?;
     if !addrs.contains(&(ip, prefix)) {
         return Err(Error::CheckFailed(format!(
             "interface {} lacks address {} (has {addrs:?})",
@@ -310,9 +369,15 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
         let listed = prev
             .get("ips")
             .and_then(Value::as_array)
-            .is_some_and(|ips| ips.iter().any(|i| i.get("address") == Some(&json!(ep.address))));
+            .is_some_and(|ips| {
+                ips.iter()
+                    .any(|i| i.get("address") == Some(&json!(ep.address)))
+            });
         if !listed {
-            return Err(Error::CheckFailed(format!("prevResult does not list {}", ep.address)));
+            return Err(Error::CheckFailed(format!(
+                "prevResult does not list {}",
+                ep.address
+            )));
         }
     }
     Ok(())
@@ -320,7 +385,10 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
 
 fn status(conf: &NetConf) -> Result<()> {
     let socket = conf.agent_socket();
-    let unavailable = |reason: String| Error::NotAvailable { socket: socket.clone(), reason };
+    let unavailable = |reason: String| Error::NotAvailable {
+        socket: socket.clone(),
+        reason,
+    };
     let mut client =
         AgentClient::connect(&socket, AGENT_TIMEOUT).map_err(|e| unavailable(e.to_string()))?;
     match client.call(Op::Status(StatusRequest {})) {
@@ -345,8 +413,10 @@ fn status(conf: &NetConf) -> Result<()> {
 
 fn gc(conf: &NetConf) -> Result<()> {
     let valid = conf.gc_valid();
-    let keep: HashSet<String> =
-        valid.iter().map(|a| host_ifname(&a.container_id, &a.ifname)).collect();
+    let keep: HashSet<String> = valid
+        .iter()
+        .map(|a| host_ifname(&a.container_id, &a.ifname))
+        .collect();
     let mut first_err = None;
     // Leaked host interfaces (e.g. an ADD killed half-way): every bth* link not kept.
     match host_netlink().and_then(|mut nl| {
@@ -366,10 +436,14 @@ fn gc(conf: &NetConf) -> Result<()> {
     let req = GcRequest {
         valid: valid
             .iter()
-            .map(|a| Attachment { container_id: a.container_id.clone(), ifname: a.ifname.clone() })
+            .map(|a| Attachment {
+                container_id: a.container_id.clone(),
+                ifname: a.ifname.clone(),
+            })
             .collect(),
     };
-    if let Err(e) = connect(conf).and_then(|mut c| c.call(Op::Gc(req)).map_err(|e| agent_err(conf, e)))
+    if let Err(e) =
+        connect(conf).and_then(|mut c| c.call(Op::Gc(req)).map_err(|e| agent_err(conf, e)))
     {
         first_err.get_or_insert(e);
     }

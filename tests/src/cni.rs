@@ -23,12 +23,20 @@ pub struct CniOut {
 
 impl CniOut {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?} / stderr {:?}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?} / stderr {:?}",
+                self.stdout, self.stderr
+            )
+        })
     }
     /// The CNI error code in the error JSON (and checks the exit status is non-zero).
     pub fn error_code(&self) -> u64 {
-        assert_ne!(self.code, 0, "expected failure, got success: {}", self.stdout);
+        assert_ne!(
+            self.code, 0,
+            "expected failure, got success: {}",
+            self.stdout
+        );
         self.json()["code"].as_u64().expect("error JSON has a code")
     }
 }
@@ -52,9 +60,18 @@ impl Node {
         require_root();
         let ns = NetNs::new("bn");
         ns.exec_ok(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
-        let dir = tempfile::Builder::new().prefix("berth-node-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("berth-node-")
+            .tempdir()
+            .expect("tempdir");
         let pin_root = PathBuf::from("/sys/fs/bpf").join(unique_name("berth-t"));
-        let mut node = Node { ns, dir, pin_root, pod_cidr: pod_cidr.into(), agent: None };
+        let mut node = Node {
+            ns,
+            dir,
+            pin_root,
+            pod_cidr: pod_cidr.into(),
+            agent: None,
+        };
         node.start_agent();
         node
     }
@@ -91,7 +108,14 @@ impl Node {
             .arg(self.cni_state_dir())
             .arg("--pin-root")
             .arg(&self.pin_root)
-            .args(["--pod-cidr", &self.pod_cidr, "--node-name", &self.ns.name, "--log", "info"])
+            .args([
+                "--pod-cidr",
+                &self.pod_cidr,
+                "--node-name",
+                &self.ns.name,
+                "--log",
+                "info",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -103,7 +127,11 @@ impl Node {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
                 panic!("berth-agent exited with {status}:\n{}", self.log_tail());
             }
-            assert!(Instant::now() < deadline, "berth-agent did not come up:\n{}", self.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "berth-agent did not come up:\n{}",
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -147,7 +175,8 @@ impl Node {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn berth");
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).expect("write stdin");
+        // The plugin may answer (e.g. VERSION, bad environment) without reading stdin.
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
         let out = child.wait_with_output().expect("wait berth");
         CniOut {
             code: out.status.code().unwrap_or(-1),
@@ -163,7 +192,10 @@ impl Node {
             ("CNI_CONTAINERID", cid),
             ("CNI_IFNAME", ifname),
             ("CNI_PATH", "/opt/cni/bin"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test",
+            ),
         ];
         if let Some(n) = netns {
             env.push(("CNI_NETNS", n));
@@ -173,17 +205,41 @@ impl Node {
 
     /// ADD for a pod; panics unless it succeeds; returns the pod's IPv4 address.
     pub fn add(&self, pod: &Pod) -> String {
-        let out = self.verb("ADD", &pod.cid, Some(pod.ns.path().to_str().unwrap()), "eth0");
-        assert_eq!(out.code, 0, "ADD {} failed: {} {}\nagent:\n{}", pod.cid, out.stdout, out.stderr, self.log_tail());
+        let out = self.verb(
+            "ADD",
+            &pod.cid,
+            Some(pod.ns.path().to_str().unwrap()),
+            "eth0",
+        );
+        assert_eq!(
+            out.code,
+            0,
+            "ADD {} failed: {} {}\nagent:\n{}",
+            pod.cid,
+            out.stdout,
+            out.stderr,
+            self.log_tail()
+        );
         let v = out.json();
-        let addr = v["ips"][0]["address"].as_str().expect("result has an address");
+        let addr = v["ips"][0]["address"]
+            .as_str()
+            .expect("result has an address");
         addr.split('/').next().unwrap().to_string()
     }
 
     /// DEL for a pod; panics unless it succeeds.
     pub fn del(&self, pod: &Pod) {
-        let out = self.verb("DEL", &pod.cid, Some(pod.ns.path().to_str().unwrap()), "eth0");
-        assert_eq!(out.code, 0, "DEL {} failed: {} {}", pod.cid, out.stdout, out.stderr);
+        let out = self.verb(
+            "DEL",
+            &pod.cid,
+            Some(pod.ns.path().to_str().unwrap()),
+            "eth0",
+        );
+        assert_eq!(
+            out.code, 0,
+            "DEL {} failed: {} {}",
+            pod.cid, out.stdout, out.stderr
+        );
     }
 
     /// `berthctl --json <args>`.
@@ -195,7 +251,11 @@ impl Node {
             .args(args)
             .output()
             .expect("spawn berthctl");
-        assert!(out.status.success(), "berthctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "berthctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("berthctl JSON")
     }
 
@@ -211,13 +271,20 @@ impl Node {
 
     /// Number of entries in the pinned endpoint map (read with bpftool).
     pub fn endpoint_map_entries(&self) -> usize {
-        let pin = self.pin_root.join("maps").join(berth_ebpf_common::MAP_ENDPOINTS);
+        let pin = self
+            .pin_root
+            .join("maps")
+            .join(berth_ebpf_common::MAP_ENDPOINTS);
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
             .arg(&pin)
             .output()
             .expect("run bpftool (installed by scripts/bootstrap.sh)");
-        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
         v.as_array().map_or(0, Vec::len)
     }
@@ -226,7 +293,11 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- berth-agent log ({}) ---\n{}", self.ns.name, self.log_tail());
+            eprintln!(
+                "--- berth-agent log ({}) ---\n{}",
+                self.ns.name,
+                self.log_tail()
+            );
         }
         self.stop_agent(nix::sys::signal::Signal::SIGKILL);
         // Deleting the node namespace removes every veth in it; then the pins.
@@ -249,7 +320,10 @@ impl Pod {
 
     /// `ping -c <count>` from this pod; true when every reply came back.
     pub fn ping(&self, ip: &str) -> bool {
-        self.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", ip]).status.success()
+        self.ns
+            .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", ip])
+            .status
+            .success()
     }
 
     /// Runs `f` on a thread inside this pod's namespace (sockets created there stay there).

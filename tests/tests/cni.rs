@@ -36,7 +36,8 @@ fn tcp_roundtrip(client_ns: &NetNs, server_ns: &NetNs, server_ip: &str) {
         TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
     });
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let writer = {
         let mut w = conn.try_clone().unwrap();
         let p = payload.clone();
@@ -49,7 +50,11 @@ fn tcp_roundtrip(client_ns: &NetNs, server_ns: &NetNs, server_ip: &str) {
     conn.read_to_end(&mut echoed).expect("client read");
     writer.join().unwrap();
     server.join().unwrap();
-    assert!(echoed == payload, "TCP echo to {addr} differs ({} bytes back)", echoed.len());
+    assert!(
+        echoed == payload,
+        "TCP echo to {addr} differs ({} bytes back)",
+        echoed.len()
+    );
 }
 
 #[test]
@@ -68,12 +73,20 @@ fn three_pods_talk_to_each_other_and_the_host() {
                 // The datapath redirects pod to pod without routing: the TTL is not decremented.
                 let out = p.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", ip]);
                 let text = String::from_utf8_lossy(&out.stdout);
-                assert!(out.status.success(), "pod {i} cannot ping pod {j} ({ip}): {text}");
-                assert!(text.contains("ttl=64"), "pod {i} → {ip} was routed, not redirected: {text}");
+                assert!(
+                    out.status.success(),
+                    "pod {i} cannot ping pod {j} ({ip}): {text}"
+                );
+                assert!(
+                    text.contains("ttl=64"),
+                    "pod {i} → {ip} was routed, not redirected: {text}"
+                );
             }
         }
         assert!(p.ping(NODE_IP), "pod {i} cannot reach the host");
-        let out = node.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &ips[i]]);
+        let out = node
+            .ns
+            .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &ips[i]]);
         assert!(out.status.success(), "host cannot reach pod {i}");
     }
     tcp_roundtrip(&pods[0].ns, &pods[1].ns, &ips[1]);
@@ -87,7 +100,10 @@ fn three_pods_talk_to_each_other_and_the_host() {
     for e in eps {
         assert_eq!(e["state"], "ready");
         assert_eq!(e["pod"], "default/test");
-        assert!(e["txPackets"].as_u64().unwrap() > 0 && e["rxBytes"].as_u64().unwrap() > 1_000_000 / 2, "{e}");
+        assert!(
+            e["txPackets"].as_u64().unwrap() > 0 && e["rxBytes"].as_u64().unwrap() > 1_000_000 / 2,
+            "{e}"
+        );
     }
     let status = node.berthctl(&["status"]);
     assert_eq!(status["datapath"]["loaded"], true);
@@ -103,11 +119,28 @@ fn spoofed_source_is_dropped_and_counted() {
     let ip_b = node.add(&b);
     // Pod a takes an address that is not its own and tries to reach b from it.
     a.ns.exec_ok(&["ip", "addr", "add", "10.2.0.200/32", "dev", "eth0"]);
-    let out = a.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "10.2.0.200", &ip_b]);
+    let out = a.ns.exec(&[
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "10.2.0.200",
+        &ip_b,
+    ]);
     assert!(!out.status.success(), "spoofed packets were delivered");
     // Unknown sources are counted under endpoint 0; b received nothing from the spoofed address.
     let eps = node.berthctl(&["endpoints"]);
-    let b_ep = eps.as_array().unwrap().iter().find(|e| e["address"] == format!("{ip_b}/32")).unwrap().clone();
+    let b_ep = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == format!("{ip_b}/32"))
+        .unwrap()
+        .clone();
     assert_eq!(b_ep["rxPackets"], 0, "{b_ep}");
     assert!(a.ping(&ip_b), "a's own address still works");
 }
@@ -121,7 +154,12 @@ fn cni_verbs_and_error_codes() {
     // VERSION needs nothing else.
     let v = node.cni(&[("CNI_COMMAND", "VERSION")], "").json();
     assert_eq!(v["cniVersion"], "1.1.0");
-    assert!(v["supportedVersions"].as_array().unwrap().contains(&json!("0.4.0")));
+    assert!(
+        v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("0.4.0"))
+    );
     assert_eq!(node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf()).code, 0);
 
     let add = node.verb("ADD", &pod.cid, Some(&netns), "eth0");
@@ -152,7 +190,14 @@ fn cni_verbs_and_error_codes() {
     assert!(again.json()["details"].as_str().unwrap().contains("eth0"));
 
     // Environment errors name the variable.
-    let e = node.cni(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "x"), ("CNI_IFNAME", "eth0")], &node.conf());
+    let e = node.cni(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "x"),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        &node.conf(),
+    );
     assert_eq!(e.error_code(), 4);
     assert!(e.json()["details"].as_str().unwrap().contains("CNI_NETNS"));
     let e = node.verb("ADD", "-bad-id", Some(&netns), "eth1");
@@ -172,28 +217,65 @@ fn cni_verbs_and_error_codes() {
     ];
     assert_eq!(node.cni(&add_env, "{not json").error_code(), 6);
     assert_eq!(node.cni(&add_env, "").error_code(), 6);
-    assert_eq!(node.cni(&add_env, r#"{"cniVersion":"2.0.0","name":"b","type":"berth"}"#).error_code(), 1);
-    assert_eq!(node.cni(&add_env, r#"{"cniVersion":"1.1.0","type":"berth"}"#).error_code(), 7);
-    let e = node.cni(&add_env, r#"{"cniVersion":"1.1.0","name":"b","type":"berth","ipam":{"type":"host-local"}}"#);
+    assert_eq!(
+        node.cni(
+            &add_env,
+            r#"{"cniVersion":"2.0.0","name":"b","type":"berth"}"#
+        )
+        .error_code(),
+        1
+    );
+    assert_eq!(
+        node.cni(&add_env, r#"{"cniVersion":"1.1.0","type":"berth"}"#)
+            .error_code(),
+        7
+    );
+    let e = node.cni(
+        &add_env,
+        r#"{"cniVersion":"1.1.0","name":"b","type":"berth","ipam":{"type":"host-local"}}"#,
+    );
     assert_eq!(e.error_code(), 2);
-    assert!(e.json()["details"].as_str().unwrap().contains("ipam.type=host-local"));
+    assert!(
+        e.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("ipam.type=host-local")
+    );
 
     // CHECK of an unknown container.
-    assert_eq!(node.verb("CHECK", "nosuch", Some(&netns), "eth0").error_code(), 3);
+    assert_eq!(
+        node.verb("CHECK", "nosuch", Some(&netns), "eth0")
+            .error_code(),
+        3
+    );
 
     // DEL twice, then CHECK says unknown.
     assert_eq!(node.verb("DEL", &pod.cid, Some(&netns), "eth0").code, 0);
     assert_eq!(node.verb("DEL", &pod.cid, Some(&netns), "eth0").code, 0);
-    assert_eq!(node.verb("DEL", &pod.cid, None, "eth0").code, 0, "DEL without CNI_NETNS");
-    assert_eq!(node.verb("CHECK", &pod.cid, Some(&netns), "eth0").error_code(), 3);
+    assert_eq!(
+        node.verb("DEL", &pod.cid, None, "eth0").code,
+        0,
+        "DEL without CNI_NETNS"
+    );
+    assert_eq!(
+        node.verb("CHECK", &pod.cid, Some(&netns), "eth0")
+            .error_code(),
+        3
+    );
     assert!(node.host_links().is_empty(), "{:?}", node.host_links());
 
     // DEL with the netns gone.
     let gone = Pod::new();
     node.add(&gone);
-    let (gone_cid, gone_path) = (gone.cid.clone(), gone.ns.path().to_str().unwrap().to_string());
+    let (gone_cid, gone_path) = (
+        gone.cid.clone(),
+        gone.ns.path().to_str().unwrap().to_string(),
+    );
     drop(gone);
-    assert_eq!(node.verb("DEL", &gone_cid, Some(&gone_path), "eth0").code, 0);
+    assert_eq!(
+        node.verb("DEL", &gone_cid, Some(&gone_path), "eth0").code,
+        0
+    );
     assert!(node.host_links().is_empty());
     assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 0);
 
@@ -211,27 +293,73 @@ fn cni_verbs_and_error_codes() {
     let mut old_conf: Value = serde_json::from_str(&node.conf()).unwrap();
     old_conf["cni.dev/attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
     assert_eq!(node.cni(&gc_env, &old_conf.to_string()).code, 0);
-    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1, "older key keeps the attachment");
-    assert_eq!(node.cni(&[("CNI_COMMAND", "GC")], &node.conf()).error_code(), 4, "GC needs CNI_PATH");
+    assert_eq!(
+        node.berthctl(&["status"])["ipam"]["allocated"],
+        1,
+        "older key keeps the attachment"
+    );
+    assert_eq!(
+        node.cni(&[("CNI_COMMAND", "GC")], &node.conf())
+            .error_code(),
+        4,
+        "GC needs CNI_PATH"
+    );
 
     // Agent down: ADD and CHECK say "try again later", STATUS says "not available", DEL queues.
     node.stop_agent(Signal::SIGTERM);
     let other = Pod::new();
-    assert_eq!(node.verb("ADD", &other.cid, Some(other.ns.path().to_str().unwrap()), "eth0").error_code(), 11);
-    assert_eq!(node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf()).error_code(), 50);
-    assert_eq!(node.verb("CHECK", &keep.cid, Some(keep.ns.path().to_str().unwrap()), "eth0").error_code(), 11);
-    let del = node.verb("DEL", &keep.cid, Some(keep.ns.path().to_str().unwrap()), "eth0");
+    assert_eq!(
+        node.verb(
+            "ADD",
+            &other.cid,
+            Some(other.ns.path().to_str().unwrap()),
+            "eth0"
+        )
+        .error_code(),
+        11
+    );
+    assert_eq!(
+        node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf())
+            .error_code(),
+        50
+    );
+    assert_eq!(
+        node.verb(
+            "CHECK",
+            &keep.cid,
+            Some(keep.ns.path().to_str().unwrap()),
+            "eth0"
+        )
+        .error_code(),
+        11
+    );
+    let del = node.verb(
+        "DEL",
+        &keep.cid,
+        Some(keep.ns.path().to_str().unwrap()),
+        "eth0",
+    );
     assert_eq!(del.code, 0, "{del:?}");
-    let queued = std::fs::read_dir(node.cni_state_dir().join("delete-queue")).unwrap().count();
+    let queued = std::fs::read_dir(node.cni_state_dir().join("delete-queue"))
+        .unwrap()
+        .count();
     assert_eq!(queued, 1);
-    assert!(node.host_links().is_empty(), "DEL removed the interface even with the agent down");
+    assert!(
+        node.host_links().is_empty(),
+        "DEL removed the interface even with the agent down"
+    );
 
     // The restarted agent drains the queue and frees the address.
     node.start_agent();
     let status = node.berthctl(&["status"]);
     assert_eq!(status["ipam"]["allocated"], 0, "{status}");
     assert_eq!(status["deleteQueueDrained"], 1);
-    assert_eq!(std::fs::read_dir(node.cni_state_dir().join("delete-queue")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(node.cni_state_dir().join("delete-queue"))
+            .unwrap()
+            .count(),
+        0
+    );
     assert_eq!(node.endpoint_map_entries(), 0);
 }
 
@@ -265,12 +393,15 @@ fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
         })
     };
     let addr = format!("{ip_b}:{port}");
-    let conn = in_netns(&a.ns, || TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap());
+    let conn = in_netns(&a.ns, || {
+        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap()
+    });
     let client = {
         let stop = stop.clone();
         let mut conn = conn;
         std::thread::spawn(move || {
-            conn.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            conn.set_write_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
             let chunk = vec![0x5au8; 16 * 1024];
             while !stop.load(Ordering::Relaxed) {
                 conn.write_all(&chunk).expect("stream broke while writing");
@@ -281,7 +412,11 @@ fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
     let wait_for = |min: u64| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while received.load(Ordering::Relaxed) < min {
-            assert!(Instant::now() < deadline, "stream stalled at {} bytes", received.load(Ordering::Relaxed));
+            assert!(
+                Instant::now() < deadline,
+                "stream stalled at {} bytes",
+                received.load(Ordering::Relaxed)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     };
@@ -293,7 +428,10 @@ fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
 
     node.start_agent();
     let status = node.berthctl(&["status"]);
-    assert_eq!(status["datapath"]["adopted"], true, "restarted agent did not adopt the pins: {status}");
+    assert_eq!(
+        status["datapath"]["adopted"], true,
+        "restarted agent did not adopt the pins: {status}"
+    );
     assert_eq!(status["endpoints"], 2);
     let at_restart = received.load(Ordering::Relaxed);
     wait_for(at_restart + (4 << 20));
@@ -306,7 +444,13 @@ fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
     node.add(&c);
     assert!(c.ping(&ip_b));
     let eps = node.berthctl(&["endpoints"]);
-    let b_ep = eps.as_array().unwrap().iter().find(|e| e["address"] == format!("{ip_b}/32")).unwrap().clone();
+    let b_ep = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == format!("{ip_b}/32"))
+        .unwrap()
+        .clone();
     assert!(b_ep["rxBytes"].as_u64().unwrap() > 8 << 20, "{b_ep}");
 }
 
@@ -342,7 +486,12 @@ fn churn_and_killed_adds_leak_nothing_after_gc() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(node.conf().as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(node.conf().as_bytes())
+            .unwrap();
         std::thread::sleep(Duration::from_micros(300 * i as u64));
         let _ = child.kill();
         let _ = child.wait();
@@ -352,18 +501,31 @@ fn churn_and_killed_adds_leak_nothing_after_gc() {
 
     let mut gc_conf: Value = serde_json::from_str(&node.conf()).unwrap();
     gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
-    let gc = node.cni(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")], &gc_conf.to_string());
+    let gc = node.cni(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        &gc_conf.to_string(),
+    );
     assert_eq!(gc.code, 0, "{gc:?}");
 
     let eps = node.berthctl(&["endpoints"]);
     let eps = eps.as_array().unwrap();
     assert_eq!(eps.len(), 1, "leaked endpoints: {eps:?}");
     assert_eq!(eps[0]["containerID"], keep.cid.as_str());
-    assert_eq!(node.host_links().len(), 1, "leaked interfaces: {:?}", node.host_links());
+    assert_eq!(
+        node.host_links().len(),
+        1,
+        "leaked interfaces: {:?}",
+        node.host_links()
+    );
     assert_eq!(node.endpoint_map_entries(), 1);
     assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1);
     assert!(keep.ping(NODE_IP));
-    assert!(node.ns.exec(&["ping", "-c", "1", "-W", "2", &keep_ip]).status.success());
+    assert!(
+        node.ns
+            .exec(&["ping", "-c", "1", "-W", "2", &keep_ip])
+            .status
+            .success()
+    );
 }
 
 #[test]
@@ -372,7 +534,10 @@ fn thirty_two_parallel_adds_get_distinct_reachable_addresses() {
     let pods: Vec<Pod> = (0..32).map(|_| Pod::new()).collect();
     let ips: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = pods.iter().map(|p| s.spawn(|| node.add(p))).collect();
-        handles.into_iter().map(|h| h.join().expect("ADD thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("ADD thread"))
+            .collect()
     });
     let mut sorted = ips.clone();
     sorted.sort();
@@ -383,7 +548,13 @@ fn thirty_two_parallel_adds_get_distinct_reachable_addresses() {
         assert!(out.status.success(), "pod 0 cannot reach pod {i} at {ip}");
     }
     for ip in &ips {
-        assert!(node.ns.exec(&["ping", "-c", "1", "-W", "2", ip]).status.success(), "host cannot reach {ip}");
+        assert!(
+            node.ns
+                .exec(&["ping", "-c", "1", "-W", "2", ip])
+                .status
+                .success(),
+            "host cannot reach {ip}"
+        );
     }
     assert_eq!(node.endpoint_map_entries(), 32);
 }

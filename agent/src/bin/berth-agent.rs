@@ -44,12 +44,21 @@ fn main() -> anyhow::Result<()> {
     let dp = EbpfDatapath::load(
         &settings.pin_root,
         &settings.state_dir,
-        DatapathConfig { pod_net: net, pod_mask: mask, anti_spoof: 1, _pad: 0 },
+        DatapathConfig {
+            pod_net: net,
+            pod_mask: mask,
+            anti_spoof: 1,
+            _pad: 0,
+        },
     )
     .context("load datapath")?;
     let store = Store::new(&settings.state_dir, settings.fsync)?;
     let core = Arc::new(AgentCore::new(
-        CoreConfig { node_name: settings.node_name.clone(), pod_cidr: settings.pod_cidr, mtu: settings.mtu },
+        CoreConfig {
+            node_name: settings.node_name.clone(),
+            pod_cidr: settings.pod_cidr,
+            mtu: settings.mtu,
+        },
         store,
         Box::new(dp),
     )?);
@@ -58,7 +67,10 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(drained, "applied DELs queued while the agent was down");
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = server::bind(&settings.socket).await?;
         tracing::info!(socket = %settings.socket.display(), "serving local API");
@@ -79,8 +91,9 @@ fn main() -> anyhow::Result<()> {
             }
         });
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

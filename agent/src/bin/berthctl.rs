@@ -8,7 +8,12 @@ use std::path::PathBuf;
 #[command(version)]
 struct Cli {
     /// The agent's socket.
-    #[arg(long, env = "BERTH_AGENT_SOCKET", default_value = "/run/berth/agent.sock", global = true)]
+    #[arg(
+        long,
+        env = "BERTH_AGENT_SOCKET",
+        default_value = "/run/berth/agent.sock",
+        global = true
+    )]
     socket: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -33,7 +38,10 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connect to berth-agent at {}", cli.socket.display()))?;
     match cli.cmd {
         Cmd::Status => {
-            let s = client.status(berth_proto::agent::StatusRequest {}).await?.into_inner();
+            let s = client
+                .status(berth_proto::agent::StatusRequest {})
+                .await?
+                .into_inner();
             let dp = s.datapath.clone().unwrap_or_default();
             let ipam = s.ipam.clone().unwrap_or_default();
             if cli.json {
@@ -48,21 +56,38 @@ async fn main() -> anyhow::Result<()> {
                     })
                 );
             } else {
-                println!("agent      berth-agent {} on node {} (up {}s)", s.version, s.node_name, s.uptime_seconds);
+                println!(
+                    "agent      berth-agent {} on node {} (up {}s)",
+                    s.version, s.node_name, s.uptime_seconds
+                );
                 println!(
                     "datapath   {} ({}), pins under {}",
                     if dp.loaded { "loaded" } else { "NOT LOADED" },
-                    if dp.adopted { "adopted existing pins" } else { "loaded fresh" },
+                    if dp.adopted {
+                        "adopted existing pins"
+                    } else {
+                        "loaded fresh"
+                    },
                     dp.pin_root
                 );
                 println!("           programs: {}", dp.programs.join(", "));
                 println!("           maps: {}", dp.maps.join(", "));
-                println!("ipam       {}: {} of {} addresses allocated", ipam.pod_cidr, ipam.allocated, ipam.capacity);
-                println!("endpoints  {} (delete-queue entries applied: {})", s.endpoints, s.delete_queue_drained);
+                println!(
+                    "ipam       {}: {} of {} addresses allocated",
+                    ipam.pod_cidr, ipam.allocated, ipam.capacity
+                );
+                println!(
+                    "endpoints  {} (delete-queue entries applied: {})",
+                    s.endpoints, s.delete_queue_drained
+                );
             }
         }
         Cmd::Endpoints => {
-            let eps = client.list_endpoints(berth_proto::agent::ListEndpointsRequest {}).await?.into_inner().endpoints;
+            let eps = client
+                .list_endpoints(berth_proto::agent::ListEndpointsRequest {})
+                .await?
+                .into_inner()
+                .endpoints;
             if cli.json {
                 let v: Vec<_> = eps
                     .iter()
@@ -83,17 +108,32 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!(
                     "{:<4} {:<14} {:<24} {:<14} {:<16} {:<6} {:>16} {:>16} DROPS",
-                    "ID", "CONTAINER", "POD", "IP", "INTERFACE", "STATE", "TX PKTS/BYTES", "RX PKTS/BYTES"
+                    "ID",
+                    "CONTAINER",
+                    "POD",
+                    "IP",
+                    "INTERFACE",
+                    "STATE",
+                    "TX PKTS/BYTES",
+                    "RX PKTS/BYTES"
                 );
                 for e in eps {
                     let a = e.attachment.unwrap_or_default();
                     let p = e.pod.unwrap_or_default();
                     let s = e.stats.unwrap_or_default();
-                    let pod = if p.name.is_empty() { "-".to_string() } else { format!("{}/{}", p.namespace, p.name) };
+                    let pod = if p.name.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{}/{}", p.namespace, p.name)
+                    };
                     let drops = if s.drops.is_empty() {
                         "0".to_string()
                     } else {
-                        s.drops.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+                        s.drops
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
                     };
                     println!(
                         "{:<4} {:<14} {:<24} {:<14} {:<16} {:<6} {:>16} {:>16} {}",
