@@ -45,7 +45,12 @@ pub trait Host: Send + Sync {
     fn unmount(&self, target: &Path) -> Result<()>;
     fn mounts(&self) -> Result<Vec<MountEntry>>;
     fn device_size(&self, device: &Path) -> Result<u64>;
+    /// Grows a mounted filesystem to its device (online).
     fn resize_fs(&self, device: &Path, mount_path: &Path, fs_type: &str) -> Result<()>;
+    /// Size of an unmounted ext2/3/4 filesystem in bytes (`None` for other types).
+    fn fs_size(&self, device: &Path, fs_type: &str) -> Result<Option<u64>>;
+    /// Checks and grows an unmounted ext2/3/4 filesystem to its device (offline).
+    fn grow_offline(&self, device: &Path, fs_type: &str) -> Result<()>;
     fn usage(&self, path: &Path) -> Result<FsUsage>;
 }
 
@@ -207,12 +212,58 @@ impl Host for RealHost {
 
     fn resize_fs(&self, device: &Path, mount_path: &Path, fs_type: &str) -> Result<()> {
         match fs_type {
-            "ext4" | "ext3" | "ext2" => run_ok(Command::new("resize2fs").arg(device)).map(|_| ()),
+            "ext4" | "ext3" | "ext2" => match run_ok(Command::new("resize2fs").arg(device)) {
+                Ok(_) => Ok(()),
+                Err(Error::Command { message, .. }) if message.contains("Permission denied") => {
+                    Err(Error::FailedPrecondition(format!(
+                        "the kernel refused to grow the mounted {fs_type} filesystem on {} online \
+                         (EXT4_IOC_RESIZE_FS needs CAP_SYS_RESOURCE, which this node plugin \
+                         lacks); it grows offline at the next NodeStageVolume",
+                        device.display()
+                    )))
+                }
+                Err(e) => Err(e),
+            },
             "xfs" => run_ok(Command::new("xfs_growfs").arg(mount_path)).map(|_| ()),
             other => Err(Error::FailedPrecondition(format!(
                 "cannot grow a {other} filesystem online"
             ))),
         }
+    }
+
+    fn fs_size(&self, device: &Path, fs_type: &str) -> Result<Option<u64>> {
+        if !matches!(fs_type, "ext4" | "ext3" | "ext2") {
+            return Ok(None);
+        }
+        let out = run_ok(Command::new("dumpe2fs").arg("-h").arg(device))?;
+        let field = |name: &str| -> Option<u64> {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        match (field("Block count:"), field("Block size:")) {
+            (Some(n), Some(bs)) => Ok(Some(n * bs)),
+            _ => Err(Error::Internal(format!(
+                "dumpe2fs -h {}: no block count/size",
+                device.display()
+            ))),
+        }
+    }
+
+    fn grow_offline(&self, device: &Path, fs_type: &str) -> Result<()> {
+        if !matches!(fs_type, "ext4" | "ext3" | "ext2") {
+            return Ok(());
+        }
+        // resize2fs insists on a fresh check; -p repairs only what is safe. Exit 1 = fixed.
+        let out = run(Command::new("e2fsck").args(["-f", "-p"]).arg(device))?;
+        if !matches!(out.status.code(), Some(0 | 1)) {
+            return Err(Error::FailedPrecondition(format!(
+                "e2fsck found problems on {} it cannot fix unattended: {}",
+                device.display(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            )));
+        }
+        run_ok(Command::new("resize2fs").arg(device)).map(|_| ())
     }
 
     fn usage(&self, path: &Path) -> Result<FsUsage> {

@@ -34,6 +34,9 @@ pub struct NodeConfig {
     pub device_first_delay: Duration,
 }
 
+/// A filesystem smaller than its device by more than this is grown at stage time.
+const GROW_SLACK: u64 = 16 << 20;
+
 /// by-id names of a Cinder volume's disk, in the order the node looks for them.
 pub fn device_candidates(volume_id: &str) -> Vec<String> {
     let short = &volume_id[..volume_id.len().min(20)];
@@ -159,14 +162,28 @@ impl NodeOps {
                 )));
             }
         };
+        if !formatted && let Some(fs_bytes) = self.host.fs_size(&dev, &fs)? {
+            // The volume grew while detached (offline expansion, or a clone bigger than its
+            // source): grow ext4 before mounting, which needs no special privilege.
+            let dev_bytes = self.host.device_size(&dev)?;
+            if dev_bytes > fs_bytes + GROW_SLACK {
+                tracing::info!(
+                    volume = id,
+                    fs_bytes,
+                    dev_bytes,
+                    "growing filesystem offline"
+                );
+                self.host.grow_offline(&dev, &fs)?;
+            }
+        }
         let mut opts = flags;
         if fs == "xfs" && !opts.iter().any(|o| o == "nouuid") {
             // Clones and snapshots share the XFS UUID; without nouuid the second mount fails.
             opts.push("nouuid".into());
         }
         self.host.mount(&dev, &staging, Some(&fs), &opts)?;
-        if !formatted {
-            // The volume may have grown while detached (offline expansion): grow the filesystem.
+        if !formatted && fs == "xfs" {
+            // XFS grows only mounted; a no-op when it already fills the device.
             if let Err(e) = self.host.resize_fs(&dev, &staging, &fs) {
                 let _ = self.host.unmount(&staging);
                 return Err(e);
@@ -587,6 +604,13 @@ mod tests {
         }
         fn usage(&self, _p: &Path) -> Result<FsUsage> {
             Ok(FsUsage::default())
+        }
+        fn fs_size(&self, _d: &Path, f: &str) -> Result<Option<u64>> {
+            Ok((f == "ext4").then_some(1 << 29))
+        }
+        fn grow_offline(&self, _d: &Path, f: &str) -> Result<()> {
+            self.calls.lock().unwrap().push(format!("grow-offline {f}"));
+            Ok(())
         }
     }
 

@@ -2,4 +2,5 @@
 //! namespaces, links, pin directories, loop devices, mounts) is owned by a guard that removes it on
 //! drop, also when the test fails.
 pub mod cni;
+pub mod csi;
 pub mod netns;

@@ -137,6 +137,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         )
         .route("/sim/faults", post(set_faults).get(get_faults))
         .route("/sim/stats", get(stats))
+        .route("/sim/revoke-tokens", post(revoke_tokens))
         .with_state(sim)
 }
 
@@ -1162,6 +1163,16 @@ async fn attach(
     let sim2 = sim.clone();
     tokio::spawn(async move {
         tokio::time::sleep(sim2.cfg.transition_delay + slow).await;
+        loop {
+            let held = {
+                let st = sim2.state.lock().expect("sim lock");
+                st.faults.hold_attach && !st.closed
+            };
+            if !held {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let res = if lose {
             None
         } else {
@@ -1325,4 +1336,9 @@ async fn stats(State(sim): S) -> ApiResult {
         StatusCode::OK,
         serde_json::to_value(sim.stats()).expect("serializable"),
     )
+}
+
+async fn revoke_tokens(State(sim): S) -> ApiResult {
+    sim.revoke_tokens();
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

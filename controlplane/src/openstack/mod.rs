@@ -123,6 +123,26 @@ impl Sim {
         s
     }
 
+    /// Invalidates every token (clients must re-authenticate).
+    pub fn revoke_tokens(&self) {
+        self.state.lock().expect("sim lock").tokens.clear();
+    }
+
+    /// Current injected faults.
+    pub fn faults(&self) -> Faults {
+        self.state.lock().expect("sim lock").faults.clone()
+    }
+
+    /// Status of a volume (`None` once deleted).
+    pub fn volume_status(&self, id: &str) -> Option<String> {
+        self.state
+            .lock()
+            .expect("sim lock")
+            .volumes
+            .get(id)
+            .map(|v| v.status.clone())
+    }
+
     /// Replaces the injected faults.
     pub fn set_faults(&self, f: Faults) {
         self.state.lock().expect("sim lock").faults = f;

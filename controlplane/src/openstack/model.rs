@@ -30,6 +30,9 @@ pub struct Faults {
     /// Accept the next N attach requests, then lose them: the volume falls back to `available`
     /// without an attachment (what a compute host crash mid-attach looks like).
     pub lose_attach: u32,
+    /// Keep attachments in `attaching` until this is cleared (makes in-flight windows
+    /// deterministic for tests).
+    pub hold_attach: bool,
 }
 
 /// Counters a test can read to check what the driver did.
