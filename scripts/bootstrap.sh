@@ -69,4 +69,16 @@ else
       --no-default-features --features "llvm-$LLVM_MAJOR"
   echo "$LLVM_MAJOR" >"$stamp"
 fi
+
+# Python openstacksdk for the CSI test that runs a real OpenStack client against the simulator
+# (tests/tests/csi_openstacksdk.rs fails, never skips, when this venv is missing).
+VENV="$HOME/.cache/berth/venv"
+if "$VENV/bin/python" -c 'import openstack' 2>/dev/null; then
+  log "openstacksdk venv present ($VENV)"
+else
+  log "installing openstacksdk into $VENV"
+  mkdir -p "$(dirname "$VENV")"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check openstacksdk
+fi
 log "done"

@@ -386,7 +386,19 @@ fn with_microversion(mut resp: Response, mv: (u32, u32)) -> Response {
 
 fn cinder_guard(sim: &Sim, headers: &HeaderMap, project: &str) -> Result<(u32, u32), ApiFault> {
     authorize(sim, headers, Some(project))?;
-    volume_microversion(headers)
+    let mv = volume_microversion(headers)?;
+    if mv > VOLUME_MIN_MICROVERSION {
+        let mut st = sim.state.lock().expect("sim lock");
+        let seen = &mut st.stats.max_volume_microversion;
+        let prev = seen
+            .split_once('.')
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            .unwrap_or((0, 0));
+        if mv > prev {
+            *seen = format!("{}.{}", mv.0, mv.1);
+        }
+    }
+    Ok(mv)
 }
 
 async fn list_types(State(sim): S, Path(project): Path<String>, headers: HeaderMap) -> ApiResult {

@@ -42,6 +42,8 @@ pub struct Stats {
     pub nova_attach_requests: u64,
     pub nova_detach_requests: u64,
     pub cinder_create_requests: u64,
+    /// Highest Cinder microversion a client asked for (`3.70` ...), empty if none.
+    pub max_volume_microversion: String,
     pub attached_loop_devices: usize,
     pub volumes: usize,
     pub snapshots: usize,
