@@ -257,7 +257,8 @@ fn close_req(connect_id: i64) -> Packet {
 /// The tunnel server state shared by the agent service and the frontends.
 pub struct TunnelServer {
     pub config: TunnelConfig,
-    agents: Mutex<HashMap<String, Arc<AgentConn>>>,
+    /// agent ID → its connections to this server (a reconnect or a probe can briefly overlap).
+    agents: Mutex<HashMap<String, Vec<Arc<AgentConn>>>>,
     next_serial: AtomicU64,
     next_random: AtomicI64,
 }
@@ -414,7 +415,9 @@ impl TunnelServer {
         ok && !token.is_empty()
     }
 
-    /// Registers a new agent connection; a previous connection of the same agent is replaced.
+    /// Registers a new agent connection. Earlier connections of the same agent stay until they
+    /// end (an agent probing for replicas may open a duplicate it closes right away); dials use
+    /// the oldest, established one.
     fn add_agent(
         &self,
         agent_id: String,
@@ -432,20 +435,22 @@ impl TunnelServer {
             pending: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
         });
-        let old = self.agents.lock().unwrap().insert(agent_id, conn.clone());
-        if let Some(old) = old {
-            old.fail_all("agent reconnected");
-        }
+        self.agents
+            .lock()
+            .unwrap()
+            .entry(agent_id)
+            .or_default()
+            .push(conn.clone());
         conn
     }
 
     fn remove_agent(&self, conn: &Arc<AgentConn>) {
         let mut agents = self.agents.lock().unwrap();
-        if agents
-            .get(&conn.agent_id)
-            .is_some_and(|c| c.serial == conn.serial)
-        {
-            agents.remove(&conn.agent_id);
+        if let Some(list) = agents.get_mut(&conn.agent_id) {
+            list.retain(|c| c.serial != conn.serial);
+            if list.is_empty() {
+                agents.remove(&conn.agent_id);
+            }
         }
         drop(agents);
         conn.fail_all("agent disconnected");
@@ -458,6 +463,7 @@ impl TunnelServer {
             .lock()
             .unwrap()
             .values()
+            .filter_map(|l| l.first())
             .map(|c| AgentInfo {
                 agent_id: c.agent_id.clone(),
                 identifiers: c.identifiers.clone(),
@@ -478,7 +484,7 @@ impl TunnelServer {
             .ok_or_else(|| Error::Tunnel(format!("invalid dial address {address:?}")))?;
         let agents = self.agents.lock().unwrap();
         let mut best: Option<(u8, &Arc<AgentConn>)> = None;
-        for conn in agents.values() {
+        for conn in agents.values().filter_map(|l| l.first()) {
             let Some(rank) = conn.identifiers.match_rank(&host) else {
                 continue;
             };
