@@ -4,3 +4,4 @@
 pub mod cni;
 pub mod csi;
 pub mod netns;
+pub mod tunnel;
