@@ -65,7 +65,10 @@ async fn openstacksdk_creates_lists_extends_deletes() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("openstacksdk OK"));
     let stats = e.sim().sim.stats();
-    assert!(stats.tokens_issued >= 1 && stats.cinder_create_requests >= 1, "{stats:?}");
+    assert!(
+        stats.tokens_issued >= 1 && stats.cinder_create_requests >= 1,
+        "{stats:?}"
+    );
     assert_eq!(stats.volumes, 0);
     assert_eq!(
         stats.max_volume_microversion, "3.70",

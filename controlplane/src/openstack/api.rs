@@ -446,9 +446,9 @@ async fn create_volume(
             .get(s)
             .ok_or_else(|| ApiFault::not_found(format!("Snapshot {s} could not be found.")))?;
         if snap.status != "available" {
-            return Err(ApiFault::bad_request(format!(
-                "Invalid snapshot: Originating snapshot status must be one of 'available' values"
-            )));
+            return Err(ApiFault::bad_request(
+                "Invalid snapshot: Originating snapshot status must be one of 'available' values",
+            ));
         }
         Some(snap.size)
     } else if let Some(s) = &source_volid {
