@@ -36,6 +36,8 @@ pub enum Creds {
 pub struct EnvOptions {
     pub creds: Creds,
     pub driver_args: Vec<String>,
+    /// The `berth-csi` binary (default: next to the test executable).
+    pub driver_bin: Option<PathBuf>,
 }
 
 impl Default for EnvOptions {
@@ -43,6 +45,7 @@ impl Default for EnvOptions {
         EnvOptions {
             creds: Creds::CloudConf,
             driver_args: Vec::new(),
+            driver_bin: None,
         }
     }
 }
@@ -157,7 +160,12 @@ impl CsiEnv {
             .append(true)
             .open(self.driver_log())
             .expect("driver log");
-        let mut cmd = Command::new(workspace_bin("berth-csi"));
+        let bin = self
+            .opts
+            .driver_bin
+            .clone()
+            .unwrap_or_else(|| workspace_bin("berth-csi"));
+        let mut cmd = Command::new(bin);
         // Defaults, each overridable by the same flag in `driver_args`.
         let defaults: [(&str, String); 6] = [
             ("--endpoint", format!("unix://{}", self.socket.display())),
@@ -244,24 +252,7 @@ impl CsiEnv {
         if let Some(c) = &self.clients {
             return c.clone();
         }
-        let path = self.socket.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-            .await
-            .expect("connect to the CSI socket");
-        let c = Clients {
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-        };
+        let c = connect(&self.socket).await;
         self.clients = Some(c.clone());
         c
     }
@@ -287,6 +278,28 @@ impl CsiEnv {
     /// Mount points under this environment's directory.
     pub fn mounts_under_dir(&self) -> Vec<PathBuf> {
         mounts_under(self.dir.path())
+    }
+}
+
+/// Connects the three CSI clients to a driver's unix socket.
+pub async fn connect(socket: &Path) -> Clients {
+    let path = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to the CSI socket");
+    Clients {
+        identity: IdentityClient::new(channel.clone()),
+        controller: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
     }
 }
 

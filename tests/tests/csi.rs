@@ -121,6 +121,7 @@ async fn node_info_from_config_drive_and_attach_limit_flag() {
         EnvOptions {
             creds: Creds::CloudsYaml,
             driver_args: vec![],
+            driver_bin: None,
         },
     );
     // A config drive directory with another identity takes precedence when listed first.
@@ -704,6 +705,7 @@ async fn node_bad_requests() {
         EnvOptions {
             creds: Creds::CloudConf,
             driver_args: vec!["--device-attempts".into(), "2".into()],
+            driver_bin: None,
         },
     );
     let mut c = e.clients().await;
@@ -1154,6 +1156,7 @@ async fn cap_and_nova_refusal_are_resource_exhausted() {
         EnvOptions {
             creds: Creds::EnvAppCredential,
             driver_args: vec!["--max-volumes-per-node".into(), "2".into()],
+            driver_bin: None,
         },
     );
     let node = e.node_id.clone();
@@ -1328,6 +1331,7 @@ async fn token_expiry_triggers_reauthentication() {
         EnvOptions {
             creds: Creds::CloudsYaml,
             driver_args: vec![],
+            driver_bin: None,
         },
     );
     let mut c = e.clients().await;
