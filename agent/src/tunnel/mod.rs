@@ -447,11 +447,15 @@ pub async fn run_prepared(
         }
     }
     tracing::info!("tunnel client stopping");
-    for s in &sessions {
-        s.abort();
-    }
-    for s in sessions {
-        let _ = s.await;
+    // Sessions see Exit themselves; abort whatever does not stop promptly.
+    for mut s in sessions {
+        if tokio::time::timeout(Duration::from_secs(5), &mut s)
+            .await
+            .is_err()
+        {
+            s.abort();
+            let _ = s.await;
+        }
     }
     Ok(())
 }

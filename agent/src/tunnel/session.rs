@@ -458,6 +458,14 @@ pub(super) async fn serve(
             shutting_down: ctx.draining.clone(),
         },
     ));
+    // Cleans up also when this task is aborted.
+    let _guard = SessionGuard {
+        ctx: ctx.clone(),
+        session: session.clone(),
+        node_task: node_task.abort_handle(),
+        server_id: server_id.clone(),
+        serial,
+    };
     let mut drain_sent = false;
     loop {
         if *shutdown.borrow() >= Shutdown::Drain && !drain_sent {
@@ -488,15 +496,28 @@ pub(super) async fn serve(
             }
         }
     }
-    node_task.abort();
-    session.shutdown_all();
-    ctx.node.forget_server(&server_id);
-    {
-        let mut conns = ctx.connections.lock().unwrap();
-        if conns.get(&server_id) == Some(&serial) {
-            conns.remove(&server_id);
-        }
-    }
-    ctx.changed.notify_one();
     drop(channel);
+}
+
+struct SessionGuard {
+    ctx: Arc<Ctx>,
+    session: Arc<Session>,
+    node_task: AbortHandle,
+    server_id: String,
+    serial: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.node_task.abort();
+        self.session.shutdown_all();
+        self.ctx.node.forget_server(&self.server_id);
+        {
+            let mut conns = self.ctx.connections.lock().unwrap();
+            if conns.get(&self.server_id) == Some(&self.serial) {
+                conns.remove(&self.server_id);
+            }
+        }
+        self.ctx.changed.notify_one();
+    }
 }
