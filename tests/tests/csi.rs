@@ -896,6 +896,24 @@ async fn lifecycle(fs: &str) {
     c.unstage(&id, &staging).await;
     c.unstage(&id, &staging).await;
     assert!(!is_mounted(&staging));
+    // The disk holds a filesystem now: staging it as the other type must not reformat it.
+    let s = assert_code(
+        c.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(mount_cap(other)),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert!(
+        s.message().contains("refusing to reformat"),
+        "{}",
+        s.message()
+    );
+    assert!(!is_mounted(&staging));
     c.stage(&id, &staging, capm.clone()).await;
     c.publish(&id, &staging, &target, capm.clone(), false).await;
     assert_eq!(
