@@ -30,6 +30,9 @@ pub struct CoreConfig {
     pub mtu: u32,
 }
 
+/// Deletes a host-side interface `(name, ifindex)` in the background.
+pub type LinkDeleter = Box<dyn Fn(String, u32) + Send + Sync>;
+
 struct Inner {
     state: State,
     store: Store,
@@ -40,6 +43,7 @@ struct Inner {
 /// The agent's state and logic.
 pub struct AgentCore {
     cfg: CoreConfig,
+    link_deleter: Option<LinkDeleter>,
     inner: Mutex<Inner>,
     started: Instant,
 }
@@ -90,6 +94,7 @@ impl AgentCore {
         state.pod_cidr = cidr;
         let core = AgentCore {
             cfg,
+            link_deleter: None,
             inner: Mutex::new(Inner {
                 state,
                 store,
@@ -100,6 +105,13 @@ impl AgentCore {
         };
         core.reconcile()?;
         Ok(core)
+    }
+
+    /// Lets DEL hand the host-side interface's deletion to the agent: the kernel's veth teardown
+    /// (an RCU grace period, tens of milliseconds) then happens off the runtime's critical path.
+    pub fn with_link_deleter(mut self, deleter: LinkDeleter) -> Self {
+        self.link_deleter = Some(deleter);
+        self
     }
 
     /// Makes the datapath match the registry: endpoint entries for every ready endpoint whose
@@ -174,10 +186,9 @@ impl AgentCore {
                     created_unix: now_unix(),
                 },
             );
-            if let Err(e) = Self::save(inner) {
-                inner.state.endpoints.remove(&store::key(&cid, &ifname));
-                return Err(e);
-            }
+            // Not persisted yet: an allocation only matters once the endpoint is ready (then it is
+            // saved). If the agent dies in between, the plugin's CreateEndpoint fails, the ADD is
+            // rolled back and retried, and no pod ever used the address.
             tracing::info!(container = %cid, ifname = %ifname, address = %ip, endpoint = id, "address allocated");
             ip
         };
@@ -225,24 +236,40 @@ impl AgentCore {
         Ok(CreateEndpointResponse { endpoint_id: id })
     }
 
-    fn release_locked(inner: &mut Inner, cid: &str, ifname: &str) -> Result<bool> {
+    fn release_locked(
+        inner: &mut Inner,
+        cid: &str,
+        ifname: &str,
+    ) -> Result<Option<EndpointRecord>> {
         let k = store::key(cid, ifname);
         let Some(ep) = inner.state.endpoints.get(&k).cloned() else {
-            return Ok(false);
+            return Ok(None);
         };
         inner.dp.remove_endpoint(ep.address, ep.id)?;
         inner.state.endpoints.remove(&k);
         Self::save(inner)?;
         tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, address = %ep.address, "endpoint released");
-        Ok(true)
+        Ok(Some(ep))
     }
 
     /// Releases an attachment's address and endpoint (idempotent).
     pub fn release(&self, req: ReleaseRequest) -> Result<ReleaseResponse> {
         let (cid, ifname) = attachment_of(&req.attachment)?;
         let mut g = self.inner.lock().unwrap();
+        let ep = Self::release_locked(&mut g, &cid, &ifname)?;
+        drop(g);
+        let link_deletion_queued = match (&ep, &self.link_deleter) {
+            (Some(ep), Some(delete))
+                if ep.state == EndpointState::Ready && ep.host_ifindex != 0 =>
+            {
+                delete(ep.host_ifname.clone(), ep.host_ifindex);
+                true
+            }
+            _ => false,
+        };
         Ok(ReleaseResponse {
-            released: Self::release_locked(&mut g, &cid, &ifname)?,
+            released: ep.is_some(),
+            link_deletion_queued,
         })
     }
 
@@ -323,7 +350,7 @@ impl AgentCore {
             match pair {
                 Some((cid, ifname)) => {
                     let mut g = self.inner.lock().unwrap();
-                    let released = Self::release_locked(&mut g, &cid, &ifname)?;
+                    let released = Self::release_locked(&mut g, &cid, &ifname)?.is_some();
                     tracing::info!(container = %cid, ifname = %ifname, released, "delete queue entry applied");
                 }
                 None => {

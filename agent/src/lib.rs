@@ -14,6 +14,7 @@ pub mod core;
 pub mod datapath;
 pub mod error;
 pub mod ipam;
+pub mod links;
 pub mod node;
 pub mod server;
 pub mod store;

@@ -191,6 +191,21 @@ impl Netlink {
         Ok(())
     }
 
+    /// Takes link `index` down and renames it to `new_name`.
+    pub fn retire(&mut self, index: u32, new_name: &str) -> io::Result<()> {
+        let mut down = LinkMessage::default();
+        down.header.index = index;
+        down.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(down), NLM_F_ACK)?;
+        let mut rename = LinkMessage::default();
+        rename.header.index = index;
+        rename
+            .attributes
+            .push(LinkAttribute::IfName(new_name.to_string()));
+        self.request(RouteNetlinkMessage::SetLink(rename), NLM_F_ACK)?;
+        Ok(())
+    }
+
     /// Deletes link `index`; `Ok(false)` when it was already gone.
     pub fn delete_link(&mut self, index: u32) -> io::Result<bool> {
         let mut msg = LinkMessage::default();

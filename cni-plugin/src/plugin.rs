@@ -294,26 +294,58 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<()> {
-    // The interface first: deleting the host side removes the pair, also when the netns is gone.
     let host_name = host_ifname(&env.container_id, &env.ifname);
-    let mut host_nl = host_netlink()?;
-    host_nl
-        .delete_link_by_name(&host_name)
-        .map_err(|e| Error::io(format!("delete {host_name}"), e))?;
     let released = connect(conf).and_then(|mut c| {
         c.call(Op::Release(ReleaseRequest {
             attachment: Some(attachment(env)),
         }))
         .map_err(|e| agent_err(conf, e))
     });
+    let delete_link = || -> Result<()> {
+        // Deleting the host side removes the pair, also when the pod's netns is already gone.
+        host_netlink()?
+            .delete_link_by_name(&host_name)
+            .map(|_| ())
+            .map_err(|e| Error::io(format!("delete {host_name}"), e))
+    };
     match released {
-        Ok(_) => Ok(()),
+        // The agent deletes the interface in the background (by ifindex).
+        Ok(local_response::Result::Release(r)) if r.link_deletion_queued => {
+            retire_pod_interface(env, &host_name);
+            Ok(())
+        }
+        Ok(_) => delete_link(),
         Err(Error::AgentUnreachable { .. }) => {
-            // Best effort and idempotent: queue the release for the agent's next start.
+            // Best effort and idempotent: remove the interface now, queue the release for the
+            // agent's next start.
+            delete_link()?;
             queue::enqueue(&conf.state_dir(), &env.container_id, &env.ifname)
                 .map_err(|e| Error::io("write delete queue", e))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// While the agent deletes the pair in the background, frees `CNI_IFNAME` in the pod's namespace
+/// at once (down + rename to `bdl<hash>`), so an ADD into the same namespace can follow the DEL.
+/// Best effort: a missing namespace or interface is fine.
+fn retire_pod_interface(env: &Env, host_name: &str) {
+    let Some(netns) = env.netns.as_deref().and_then(|p| File::open(p).ok()) else {
+        return;
+    };
+    let tombstone = format!("bdl{}", &host_name[HOST_IF_PREFIX.len()..]);
+    let result = pod_netlink(&netns).and_then(|mut nl| {
+        if let Some(link) = nl
+            .link_by_name(&env.ifname)
+            .map_err(|e| Error::io("look up", e))?
+        {
+            nl.retire(link.index, &tombstone)
+                .map_err(|e| Error::io("retire interface", e))?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("berth: DEL: freeing {} in the pod: {e}", env.ifname);
     }
 }
 

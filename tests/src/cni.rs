@@ -269,6 +269,19 @@ impl Node {
             .collect()
     }
 
+    /// Berth's host-side interfaces once the agent's background deletions have settled (polls up
+    /// to 15 s for the count to reach `expected`, then returns what is there).
+    pub fn settled_host_links(&self, expected: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let links = self.host_links();
+            if links.len() == expected || Instant::now() > deadline {
+                return links;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Number of entries in the pinned endpoint map (read with bpftool).
     pub fn endpoint_map_entries(&self) -> usize {
         let pin = self

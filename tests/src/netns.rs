@@ -97,7 +97,9 @@ impl Drop for NetNs {
 
 /// Runs a command and panics with its output unless it succeeds.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -108,16 +110,16 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Path of a binary built in this workspace (`target/<profile>/<name>`), next to the test binary.
+/// Path of a binary built in this workspace, next to the running executable: tests live in
+/// `target/<profile>/deps/`, benchmarks in `target/<profile>/`.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`)",
-        path.display()
-    );
-    path
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [dir.join(name), dir.parent().expect("target dir").join(name)];
+    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: build the workspace binaries first (`cargo build --workspace --bins`)",
+            exe.display()
+        )
+    })
 }

@@ -262,7 +262,8 @@ fn cni_verbs_and_error_codes() {
             .error_code(),
         3
     );
-    assert!(node.host_links().is_empty(), "{:?}", node.host_links());
+    let left = node.settled_host_links(0);
+    assert!(left.is_empty(), "{left:?}");
 
     // DEL with the netns gone.
     let gone = Pod::new();
@@ -276,7 +277,7 @@ fn cni_verbs_and_error_codes() {
         node.verb("DEL", &gone_cid, Some(&gone_path), "eth0").code,
         0
     );
-    assert!(node.host_links().is_empty());
+    assert!(node.settled_host_links(0).is_empty());
     assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 0);
 
     // GC accepts both keys and releases what is not listed.
@@ -289,7 +290,7 @@ fn cni_verbs_and_error_codes() {
     gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
     assert_eq!(node.cni(&gc_env, &gc_conf.to_string()).code, 0);
     assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1);
-    assert_eq!(node.host_links().len(), 1);
+    assert_eq!(node.settled_host_links(1).len(), 1);
     let mut old_conf: Value = serde_json::from_str(&node.conf()).unwrap();
     old_conf["cni.dev/attachments"] = json!([{"containerID": keep.cid, "ifname": "eth0"}]);
     assert_eq!(node.cni(&gc_env, &old_conf.to_string()).code, 0);
@@ -466,7 +467,11 @@ fn churn_and_killed_adds_leak_nothing_after_gc() {
         let del = node.verb("DEL", &cid, Some(&netns), "eth0");
         assert_eq!(del.code, 0, "cycle {i} DEL: {del:?}");
     }
-    assert!(node.host_links().is_empty());
+    let left = node.settled_host_links(0);
+    assert!(
+        left.is_empty(),
+        "interfaces left after 500 cycles: {left:?}"
+    );
     assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 0);
 
     // kill -9 of the plugin in the middle of ADDs, at varying points.
@@ -511,12 +516,8 @@ fn churn_and_killed_adds_leak_nothing_after_gc() {
     let eps = eps.as_array().unwrap();
     assert_eq!(eps.len(), 1, "leaked endpoints: {eps:?}");
     assert_eq!(eps[0]["containerID"], keep.cid.as_str());
-    assert_eq!(
-        node.host_links().len(),
-        1,
-        "leaked interfaces: {:?}",
-        node.host_links()
-    );
+    let left = node.settled_host_links(1);
+    assert_eq!(left.len(), 1, "leaked interfaces: {left:?}");
     assert_eq!(node.endpoint_map_entries(), 1);
     assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1);
     assert!(keep.ping(NODE_IP));

@@ -53,15 +53,21 @@ fn main() -> anyhow::Result<()> {
     )
     .context("load datapath")?;
     let store = Store::new(&settings.state_dir, settings.fsync)?;
-    let core = Arc::new(AgentCore::new(
-        CoreConfig {
-            node_name: settings.node_name.clone(),
-            pod_cidr: settings.pod_cidr,
-            mtu: settings.mtu,
-        },
-        store,
-        Box::new(dp),
-    )?);
+    let (del_tx, del_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
+    let core = Arc::new(
+        AgentCore::new(
+            CoreConfig {
+                node_name: settings.node_name.clone(),
+                pod_cidr: settings.pod_cidr,
+                mtu: settings.mtu,
+            },
+            store,
+            Box::new(dp),
+        )?
+        .with_link_deleter(Box::new(move |name, index| {
+            let _ = del_tx.send((name, index));
+        })),
+    );
     let drained = core.drain_delete_queue(&settings.cni_state_dir)?;
     if drained > 0 {
         tracing::info!(drained, "applied DELs queued while the agent was down");
@@ -72,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        tokio::spawn(berth_agent::links::delete_links(del_rx));
         let listener = server::bind(&settings.socket).await?;
         tracing::info!(socket = %settings.socket.display(), "serving local API");
         // DELs that raced with start-up land in the queue after the first drain.

@@ -42,11 +42,7 @@ fn status_kb(pid: u32, field: &str) -> anyhow::Result<f64> {
         .lines()
         .find(|l| l.starts_with(field))
         .with_context(|| format!("{field} in /proc/{pid}/status"))?;
-    let kb: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("value")?
-        .parse()?;
+    let kb: f64 = line.split_whitespace().nth(1).context("value")?.parse()?;
     Ok(kb)
 }
 
@@ -66,7 +62,12 @@ fn start_node_plugin(env: &CsiEnv, bin: &Path) -> anyhow::Result<(NodePlugin, Pa
     let sock = env.dir.path().join("node/csi.sock");
     let log = std::fs::File::create(env.dir.path().join("node.log"))?;
     let child = Command::new(bin)
-        .args(["--role", "node", "--metadata-search-order", "metadataService"])
+        .args([
+            "--role",
+            "node",
+            "--metadata-search-order",
+            "metadataService",
+        ])
         .arg("--endpoint")
         .arg(format!("unix://{}", sock.display()))
         .arg("--device-dir")
@@ -118,17 +119,29 @@ async fn run() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut set = JoinSet::new();
     for i in 0..VOLUMES {
-        let (mut ctl, mut node, sem, node_id, cap) =
-            (ctl.clone(), node.clone(), sem.clone(), node_id.clone(), cap.clone());
+        let (mut ctl, mut node, sem, node_id, cap) = (
+            ctl.clone(),
+            node.clone(),
+            sem.clone(),
+            node_id.clone(),
+            cap.clone(),
+        );
         let staging = env.staging_path(&format!("bench-{i}"));
         let target = env.target_path(&format!("pod-{i}"), "vol");
         set.spawn(async move {
             let _p = sem.acquire().await.unwrap();
-            let id = ctl.create(&format!("bench-{i}"), GIB, cap.clone()).await.volume_id;
+            let id = ctl
+                .create(&format!("bench-{i}"), GIB, cap.clone())
+                .await
+                .volume_id;
             ctl.attach(&id, &node_id, cap.clone()).await;
             node.stage(&id, &staging, cap.clone()).await;
             node.publish(&id, &staging, &target, cap, false).await;
-            Vol { id, staging, target }
+            Vol {
+                id,
+                staging,
+                target,
+            }
         });
     }
     let vols: Vec<Vol> = set.join_all().await;
@@ -146,7 +159,9 @@ async fn run() -> anyhow::Result<()> {
         node1.unpublish(&v.id, &v.target).await;
         unpublish_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        node1.publish(&v.id, &v.staging, &v.target, cap.clone(), false).await;
+        node1
+            .publish(&v.id, &v.staging, &v.target, cap.clone(), false)
+            .await;
         publish_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let peak_rss_mb = peak_rss_mb.max(status_kb(pid, "VmHWM:")? / 1024.0);
@@ -192,15 +207,37 @@ async fn run() -> anyhow::Result<()> {
     });
     let path = write_result("csi", &result)?;
 
-    println!("berth-csi: {VOLUMES} volumes on one node (create + attach + stage(mkfs.ext4) + publish), {PARALLEL} in parallel");
+    println!(
+        "berth-csi: {VOLUMES} volumes on one node (create + attach + stage(mkfs.ext4) + publish), {PARALLEL} in parallel"
+    );
     println!("{:<44} {:>12}", "metric", "value");
     println!("{:<44} {:>12.2}", "100 volumes end to end (s)", hundred);
     println!("{:<44} {:>12.1}", "node plugin peak RSS (MB)", peak_rss_mb);
-    println!("{:<44} {:>12.2}", "  vs 20 MB target (ratio)", peak_rss_mb / RSS_TARGET_MB);
-    println!("{:<44} {:>12.2}", "NodePublish median (ms)", median(&publish_ms));
-    println!("{:<44} {:>12.2}", "NodePublish p90 (ms)", percentile(&publish_ms, 90.0));
-    println!("{:<44} {:>12.2}", "NodeUnpublish median (ms)", median(&unpublish_ms));
-    println!("{:<44} {:>12.2}", "NodeUnpublish p90 (ms)", percentile(&unpublish_ms, 90.0));
+    println!(
+        "{:<44} {:>12.2}",
+        "  vs 20 MB target (ratio)",
+        peak_rss_mb / RSS_TARGET_MB
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "NodePublish median (ms)",
+        median(&publish_ms)
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "NodePublish p90 (ms)",
+        percentile(&publish_ms, 90.0)
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "NodeUnpublish median (ms)",
+        median(&unpublish_ms)
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "NodeUnpublish p90 (ms)",
+        percentile(&unpublish_ms, 90.0)
+    );
     println!("wrote {}", path.display());
     Ok(())
 }
