@@ -617,6 +617,44 @@ mod tests {
     }
 
     #[test]
+    fn auth_bodies() {
+        let mut c = Credentials {
+            auth_url: "http://k/v3".into(),
+            username: Some("u".into()),
+            password: Some("p".into()),
+            project_name: Some("pr".into()),
+            user_domain_name: Some("Default".into()),
+            project_domain_name: Some("Default".into()),
+            ..Default::default()
+        };
+        let b = Client::new(c.clone()).unwrap().auth_body();
+        assert_eq!(b["auth"]["identity"]["methods"][0], "password");
+        assert_eq!(b["auth"]["identity"]["password"]["user"]["name"], "u");
+        assert_eq!(
+            b["auth"]["identity"]["password"]["user"]["domain"]["name"],
+            "Default"
+        );
+        assert_eq!(b["auth"]["scope"]["project"]["name"], "pr");
+        c.project_id = Some("pid".into());
+        let b = Client::new(c.clone()).unwrap().auth_body();
+        assert_eq!(b["auth"]["scope"]["project"], json!({"id": "pid"}));
+        c.application_credential_name = Some("ac".into());
+        c.application_credential_secret = Some("s".into());
+        let b = Client::new(c).unwrap().auth_body();
+        assert_eq!(
+            b["auth"]["identity"]["methods"][0],
+            "application_credential"
+        );
+        let ac = &b["auth"]["identity"]["application_credential"];
+        assert_eq!(ac["name"], "ac");
+        assert_eq!(ac["user"]["name"], "u");
+        assert!(
+            b["auth"].get("scope").is_none(),
+            "application credentials carry their scope"
+        );
+    }
+
+    #[test]
     fn nova_disk_limit_messages() {
         assert!(is_too_many_disks(
             "The maximum allowed number of disk devices (26) to attach to a single instance has been exceeded."

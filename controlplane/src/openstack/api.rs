@@ -1354,3 +1354,30 @@ async fn revoke_tokens(State(sim): S) -> ApiResult {
     sim.revoke_tokens();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert("OpenStack-API-Version", HeaderValue::from_str(v).unwrap());
+        m
+    }
+
+    #[test]
+    fn microversion_header() {
+        assert_eq!(volume_microversion(&HeaderMap::new()).unwrap(), (3, 0));
+        assert_eq!(volume_microversion(&h("volume 3.42")).unwrap(), (3, 42));
+        assert_eq!(volume_microversion(&h("volume latest")).unwrap(), (3, 70));
+        assert_eq!(volume_microversion(&h("compute 2.90")).unwrap(), (3, 0));
+        assert_eq!(
+            volume_microversion(&h("volume 3.71")).unwrap_err().status,
+            StatusCode::NOT_ACCEPTABLE
+        );
+        assert_eq!(
+            volume_microversion(&h("volume x")).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}
