@@ -378,4 +378,21 @@ mod tests {
         let v = c.gc_valid();
         assert_eq!(v.len(), 2);
     }
+
+    /// The packaged conflist's berth entry is what the plugin accepts (the runtime adds
+    /// cniVersion and name to each plugin's config).
+    #[test]
+    fn packaged_conflist_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/cni/05-berth.conflist");
+        let list: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let mut plugin = list["plugins"][0].clone();
+        assert_eq!(plugin["type"], "berth");
+        plugin["cniVersion"] = list["cniVersion"].clone();
+        plugin["name"] = list["name"].clone();
+        let conf = NetConf::parse(plugin.to_string().as_bytes()).unwrap();
+        assert_eq!(conf.agent_socket.as_deref(), Some(DEFAULT_AGENT_SOCKET));
+        for v in list["cniVersions"].as_array().unwrap() {
+            assert!(SUPPORTED_VERSIONS.contains(&v.as_str().unwrap()));
+        }
+    }
 }
