@@ -151,6 +151,11 @@ fn cni_verbs_and_error_codes() {
     let pod = Pod::new();
     let netns = pod.ns.path().to_str().unwrap().to_string();
 
+    // The local API socket is private to root.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "agent socket mode {mode:o}");
+
     // VERSION needs nothing else.
     let v = node.cni(&[("CNI_COMMAND", "VERSION")], "").json();
     assert_eq!(v["cniVersion"], "1.1.0");
@@ -440,7 +445,16 @@ fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
     client.join().expect("client");
     server.join().expect("server");
 
-    // The adopted datapath serves new pods too, and counters survived the restart.
+    // An upgrade (a different object than the pinned one): the agent loads and re-pins the
+    // programs and atomically replaces every endpoint's filters; traffic keeps working.
+    node.stop_agent(Signal::SIGTERM);
+    std::fs::write(node.state_dir().join("datapath-object"), "0000000000000000").unwrap();
+    node.start_agent();
+    let status = node.berthctl(&["status"]);
+    assert_eq!(status["datapath"]["adopted"], false, "{status}");
+    assert!(a.ping(&ip_b), "traffic after program replacement");
+
+    // The adopted datapath serves new pods too, and counters survived the restarts.
     let c = Pod::new();
     node.add(&c);
     assert!(c.ping(&ip_b));
