@@ -38,6 +38,8 @@ fn main() {
             .build_client(grpc)
             .build_server(grpc)
             .build_transport(false)
+            // DATA payloads as `Bytes`: decoding slices the received buffer instead of copying.
+            .bytes(".")
             .compile_protos(&konn, &[root])
             .expect("compile konnectivity.proto");
     }

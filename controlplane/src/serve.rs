@@ -26,6 +26,23 @@ use crate::{
 /// closes only its stream; a message above this ends the agent's connection, which reconnects).
 pub const MAX_GRPC_MESSAGE: usize = 16 << 20;
 
+/// HTTP/2 flow-control windows: all of an agent's streams share one gRPC stream, so the default
+/// 64 KiB would throttle them (per-stream fairness comes from the tunnel's own credit).
+pub const H2_STREAM_WINDOW: u32 = 4 << 20;
+pub const H2_CONN_WINDOW: u32 = 8 << 20;
+
+/// Accepted TCP connections with Nagle off (small tunnel packets must not wait for ACKs).
+fn nodelay(
+    l: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(l).map(|r| {
+        r.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    })
+}
+
 /// Flags of `berth-controlplane serve`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -222,9 +239,11 @@ pub async fn start(
         let r = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .initial_stream_window_size(Some(H2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(H2_CONN_WINDOW))
             .add_service(agent_svc)
             .add_service(node_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(agent_listener), async move {
+            .serve_with_incoming_shutdown(nodelay(agent_listener), async move {
                 let _ = sd.changed().await;
             })
             .await;
@@ -245,6 +264,8 @@ pub async fn start(
         let mut sd = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
+                .initial_stream_window_size(Some(H2_STREAM_WINDOW))
+                .initial_connection_window_size(Some(H2_CONN_WINDOW))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(UnixListenerStream::new(l), async move {
                     let _ = sd.changed().await;
@@ -263,8 +284,10 @@ pub async fn start(
         let mut sd = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
+                .initial_stream_window_size(Some(H2_STREAM_WINDOW))
+                .initial_connection_window_size(Some(H2_CONN_WINDOW))
                 .add_service(svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                .serve_with_incoming_shutdown(nodelay(l), async move {
                     let _ = sd.changed().await;
                 })
                 .await;

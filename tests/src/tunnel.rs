@@ -681,7 +681,7 @@ pub async fn dial_via_grpc(
                         payload: Some(Payload::Data(Data {
                             connect_id: id,
                             error: String::new(),
-                            data: buf[..n].to_vec(),
+                            data: buf[..n].to_vec().into(),
                         })),
                     };
                     if tx.send(p).await.is_err() {

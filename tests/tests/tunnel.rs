@@ -449,7 +449,7 @@ async fn refusals_bad_token_allow_list_closed_port_malformed_frames() {
             payload: Some(Payload::Data(Data {
                 connect_id: id + 1000,
                 error: String::new(),
-                data: vec![1],
+                data: vec![1].into(),
             })),
         },
         // oversized DATA (2 MiB)
@@ -458,7 +458,7 @@ async fn refusals_bad_token_allow_list_closed_port_malformed_frames() {
             payload: Some(Payload::Data(Data {
                 connect_id: id,
                 error: String::new(),
-                data: vec![0; 2 << 20],
+                data: vec![0; 2 << 20].into(),
             })),
         },
         // type and payload disagree
@@ -736,7 +736,7 @@ async fn agent_closes_only_the_stream_of_a_malformed_frame() {
             payload: Some(Payload::Data(Data {
                 connect_id: 2,
                 error: String::new(),
-                data: vec![0; 2 << 20],
+                data: vec![0; 2 << 20].into(),
             })),
         })
         .await
@@ -755,7 +755,7 @@ async fn agent_closes_only_the_stream_of_a_malformed_frame() {
             payload: Some(Payload::Data(Data {
                 connect_id: 99,
                 error: String::new(),
-                data: vec![1],
+                data: vec![1].into(),
             })),
         })
         .await
@@ -774,7 +774,7 @@ async fn agent_closes_only_the_stream_of_a_malformed_frame() {
             payload: Some(Payload::Data(Data {
                 connect_id: 3,
                 error: String::new(),
-                data: b"hello".to_vec(),
+                data: b"hello".to_vec().into(),
             })),
         })
         .await
@@ -783,7 +783,7 @@ async fn agent_closes_only_the_stream_of_a_malformed_frame() {
     let Some(Payload::Data(d)) = p.payload else {
         panic!()
     };
-    assert_eq!((d.connect_id, d.data.as_slice()), (3, &b"hello"[..]));
+    assert_eq!((d.connect_id, &d.data[..]), (3, &b"hello"[..]));
     // CLOSE_REQ → CLOSE_RSP without error.
     server
         .to_agent
@@ -845,7 +845,7 @@ async fn agent_closes_only_the_stream_of_a_malformed_frame() {
             payload: Some(Payload::Data(Data {
                 connect_id: 3,
                 error: String::new(),
-                data: b"still".to_vec(),
+                data: b"still".to_vec().into(),
             })),
         })
         .await
@@ -854,7 +854,7 @@ async fn agent_closes_only_the_stream_of_a_malformed_frame() {
     let Some(Payload::Data(d)) = p.payload else {
         panic!()
     };
-    assert_eq!(d.data, b"still");
+    assert_eq!(&d.data[..], b"still");
     drop(from_agent);
     agent.stop().await;
     let _ = stop_tx.send(());

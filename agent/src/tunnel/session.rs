@@ -27,7 +27,7 @@ use crate::{Error, Result};
 /// Largest DATA payload accepted from the server; a bigger one closes its stream.
 pub const MAX_DATA_BYTES: usize = 1 << 20;
 /// Largest read forwarded in one DATA packet.
-pub const CHUNK_BYTES: usize = 32 * 1024;
+pub const CHUNK_BYTES: usize = 128 * 1024;
 /// Receive buffer per stream when the server does not speak the credit extension.
 pub const UNCREDITED_BUFFER_LIMIT: usize = 4 << 20;
 const FLOW_CONTROL_KEY: &str = "berth-flow-control";
@@ -50,6 +50,8 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
         .map_err(|e| Error::Tunnel(format!("bad server address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
@@ -108,7 +110,7 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
 }
 
 struct StreamState {
-    to_sock: mpsc::UnboundedSender<Vec<u8>>,
+    to_sock: mpsc::UnboundedSender<bytes::Bytes>,
     queued: Arc<AtomicUsize>,
     credit: Option<Arc<Semaphore>>,
     reader: AbortHandle,
@@ -315,7 +317,7 @@ impl Session {
     fn start_stream(self: &Arc<Self>, random: i64, sock: TcpStream) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (rd, wr) = sock.into_split();
-        let (to_sock, from_server) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (to_sock, from_server) = mpsc::unbounded_channel::<bytes::Bytes>();
         let queued = Arc::new(AtomicUsize::new(0));
         let credit = self.window.map(|w| Arc::new(Semaphore::new(w as usize)));
         // Register before answering so DATA right after DIAL_RSP finds the stream.
@@ -353,14 +355,14 @@ impl Session {
             if rd.readable().await.is_err() {
                 break;
             }
-            let mut buf = vec![0u8; CHUNK_BYTES];
-            let n = match rd.try_read(&mut buf) {
+            // Allocated only when there is something to read, never zeroed.
+            let mut buf = bytes::BytesMut::with_capacity(CHUNK_BYTES);
+            let n = match rd.try_read_buf(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
             };
-            buf.truncate(n);
             if let Some(c) = &credit {
                 match c.acquire_many(n as u32).await {
                     Ok(p) => p.forget(),
@@ -372,7 +374,7 @@ impl Session {
                 Payload::Data(Data {
                     connect_id: id,
                     error: String::new(),
-                    data: buf,
+                    data: buf.freeze(),
                 }),
             );
             if self.tx.send(p).await.is_err() {
@@ -390,7 +392,7 @@ impl Session {
         self: Arc<Self>,
         id: i64,
         mut wr: tokio::net::tcp::OwnedWriteHalf,
-        mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+        mut rx: mpsc::UnboundedReceiver<bytes::Bytes>,
         queued: Arc<AtomicUsize>,
     ) {
         while let Some(data) = rx.recv().await {
