@@ -10,7 +10,7 @@
 set -euo pipefail
 
 BIN_DIR="${1:-${BIN_DIR:-target/debug}}"
-PORT="${BERTH_SIM_PORT:-18774}"
+PORT="${BERTH_SIM_PORT:-0}"   # 0: any free port (read back from clouds.yaml)
 NODE_ID="7d6b5c2e-1f0a-4e3b-9c8d-2a1b0c9d8e7f"   # the simulator's default instance (node-1)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -40,17 +40,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "starting the OpenStack simulator (Keystone, Cinder, Nova, metadata) on 127.0.0.1:$PORT"
+say "starting the OpenStack simulator (Keystone, Cinder, Nova, metadata)"
 "$BIN_DIR/berth-controlplane" openstack --listen "127.0.0.1:$PORT" --state-dir "$WORK/sim" \
   --write-clouds-yaml "$WORK/clouds.yaml" >"$WORK/sim.log" 2>&1 &
 SIM_PID=$!
 for _ in $(seq 100); do [[ -s "$WORK/clouds.yaml" ]] && break; sleep 0.05; done
 [[ -s "$WORK/clouds.yaml" ]] || { cat "$WORK/sim.log"; die "simulator did not start"; }
+SIM_URL="$(sed -n 's|^ *auth_url: \(http://[^/]*\)/.*|\1|p' "$WORK/clouds.yaml")"
+echo "simulator at $SIM_URL"
 
 say "starting berth-csi (controller + node) on $WORK/csi.sock"
 SOCK="unix://$WORK/csi.sock"
 "$BIN_DIR/berth-csi" --endpoint "$SOCK" --clouds-yaml "$WORK/clouds.yaml" --cloud berth-sim \
-  --device-dir "$WORK/sim/by-id" --metadata-url "http://127.0.0.1:$PORT" \
+  --device-dir "$WORK/sim/by-id" --metadata-url "$SIM_URL" \
   --metadata-search-order metadataService >"$WORK/csi.log" 2>&1 &
 CSI_PID=$!
 for _ in $(seq 100); do [[ -S "$WORK/csi.sock" ]] && break; sleep 0.05; done

@@ -343,7 +343,10 @@ pub async fn serve(args: OpenStackArgs) -> Result<()> {
     let cfg = args.into_config()?;
     let handle = start(cfg).await?;
     if let Some(p) = clouds_path {
-        std::fs::write(&p, clouds_yaml(&handle.sim.cfg, &handle.auth_url()))?;
+        // Written whole then renamed: scripts wait for the file to appear.
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, clouds_yaml(&handle.sim.cfg, &handle.auth_url()))?;
+        std::fs::rename(&tmp, &p)?;
         tracing::info!(path = %p.display(), "wrote clouds.yaml");
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
