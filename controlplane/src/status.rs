@@ -219,8 +219,8 @@ pub fn format_status(v: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<22} {:<10} {:<8} {:<11} {:<9} {:<8} {:<7} {}",
-        "NODE", "POOL", "FLAVOR", "STATE", "VERSION", "CORDON", "HB(ms)", "PENDING COMMANDS"
+        "\n{:<22} {:<10} {:<8} {:<11} {:<9} {:<8} {:<7} PENDING COMMANDS",
+        "NODE", "POOL", "FLAVOR", "STATE", "VERSION", "CORDON", "HB(ms)"
     );
     for n in v["registry"]["nodes"].as_array().into_iter().flatten() {
         let pending: Vec<String> = n["pending_commands"]

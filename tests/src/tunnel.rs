@@ -696,11 +696,7 @@ pub async fn dial_via_grpc(
     tokio::spawn(async move {
         while let Ok(Some(p)) = inbound.message().await {
             match p.payload {
-                Some(Payload::Data(d)) => {
-                    if wr.write_all(&d.data).await.is_err() {
-                        break;
-                    }
-                }
+                Some(Payload::Data(d)) if wr.write_all(&d.data).await.is_err() => break,
                 Some(Payload::CloseResponse(_)) => break,
                 _ => {}
             }

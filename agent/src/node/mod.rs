@@ -78,7 +78,7 @@ fn kind_name(k: i32) -> String {
 }
 
 fn res_map(r: &Option<Resources>) -> BTreeMap<String, u64> {
-    let r = r.clone().unwrap_or_default();
+    let r = r.unwrap_or_default();
     [
         ("cpu_millis".to_string(), r.cpu_millis),
         ("memory_bytes".to_string(), r.memory_bytes),

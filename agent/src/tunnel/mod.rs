@@ -388,7 +388,7 @@ pub async fn run_prepared(
         let have = ctx.connections.lock().unwrap().len();
         let want = ctx.server_count.load(Ordering::Relaxed).max(1) as usize;
         let draining = ctx.draining.load(Ordering::Relaxed);
-        let delay = if have < want && !draining || have == 0 && !draining {
+        let delay = if have < want && !draining {
             let addr = args.servers[next_addr % args.servers.len()].clone();
             next_addr += 1;
             serial += 1;

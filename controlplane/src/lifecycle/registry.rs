@@ -875,8 +875,7 @@ impl Registry {
                 .nodes
                 .iter()
                 .map(|(id, r)| {
-                    let res =
-                        |x: &Option<berth_proto::node::Resources>| x.clone().unwrap_or_default();
+                    let res = |x: &Option<berth_proto::node::Resources>| x.unwrap_or_default();
                     let alloc = res(&r.reg.allocatable);
                     let reserved = res(&r.reg.reserved);
                     NodeStatus {

@@ -106,7 +106,7 @@ impl Identifiers {
     pub fn match_rank(&self, host: &str) -> Option<u8> {
         let host_lc = host.to_ascii_lowercase();
         let ip: Option<IpAddr> = host.parse().ok();
-        if self.hosts.iter().any(|h| *h == host_lc) || ip.is_some_and(|ip| self.ips.contains(&ip)) {
+        if self.hosts.contains(&host_lc) || ip.is_some_and(|ip| self.ips.contains(&ip)) {
             return Some(0);
         }
         if let Some(ip) = ip
