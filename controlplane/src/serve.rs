@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Loopback TCP address of the gRPC ProxyService frontend (local tools and benchmarks only).
     #[arg(long)]
     pub proxy_listen: Option<SocketAddr>,
+    /// Loopback TCP address of the HTTP CONNECT frontend (local tools such as curl only).
+    #[arg(long)]
+    pub connect_listen: Option<SocketAddr>,
     /// Status / admin HTTP endpoint (GET /healthz, GET /v1/status, POST /v1/...).
     #[arg(long, default_value = "127.0.0.1:8092")]
     pub status_listen: SocketAddr,
@@ -108,6 +111,7 @@ impl ServeArgs {
             proxy_uds: None,
             connect_uds: None,
             proxy_listen: None,
+            connect_listen: None,
             status_listen: "127.0.0.1:0".parse().expect("addr"),
             server_id: "berth-server-1".into(),
             server_count: 1,
@@ -198,12 +202,16 @@ pub async fn start(
     if tokens.is_empty() {
         return Err(Error::Config("no agent token configured".into()));
     }
-    if let Some(a) = args.proxy_listen
-        && !a.ip().is_loopback()
+    for a in [args.proxy_listen, args.connect_listen]
+        .into_iter()
+        .flatten()
     {
-        return Err(Error::Config(
-            "--proxy-listen is unauthenticated and only allowed on loopback".into(),
-        ));
+        if !a.ip().is_loopback() {
+            return Err(Error::Config(
+                "--proxy-listen/--connect-listen are unauthenticated and only allowed on loopback"
+                    .into(),
+            ));
+        }
     }
     let tunnel = TunnelServer::new(TunnelConfig {
         server_id: args.server_id.clone(),
@@ -300,7 +308,15 @@ pub async fn start(
         let l = bind_uds(path)?;
         tasks.push(tokio::spawn(connect::serve(
             tunnel.clone(),
-            l,
+            connect::Listener::Unix(l),
+            shutdown_rx.clone(),
+        )));
+    }
+    if let Some(addr) = args.connect_listen {
+        let l = TcpListener::bind(addr).await?;
+        tasks.push(tokio::spawn(connect::serve(
+            tunnel.clone(),
+            connect::Listener::Tcp(l),
             shutdown_rx.clone(),
         )));
     }

@@ -15,34 +15,52 @@ use tokio::{
 use super::{CHUNK_BYTES, FrontMsg, TunnelServer, TunnelStream};
 use crate::Error;
 
+/// A listener the CONNECT frontend accepts on: a unix socket, or loopback TCP for local tools.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+fn serve_io<IO>(server: Arc<TunnelServer>, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| handle(server.clone(), req));
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await
+        {
+            tracing::debug!("http-connect connection: {e}");
+        }
+    });
+}
+
 /// Accepts HTTP CONNECT requests on `listener` until `shutdown` changes.
 pub async fn serve(
     server: Arc<TunnelServer>,
-    listener: UnixListener,
+    listener: Listener,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let io = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((io, _)) => io,
-                Err(e) => {
+        tokio::select! {
+            r = async {
+                match &listener {
+                    Listener::Unix(l) => l.accept().await.map(|(io, _)| serve_io(server.clone(), io)),
+                    Listener::Tcp(l) => l.accept().await.map(|(io, _)| {
+                        let _ = io.set_nodelay(true);
+                        serve_io(server.clone(), io)
+                    }),
+                }
+            } => {
+                if let Err(e) = r {
                     tracing::warn!("http-connect accept: {e}");
-                    continue;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
             _ = shutdown.changed() => return,
-        };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(server.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(io), svc)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!("http-connect connection: {e}");
-            }
-        });
+        }
     }
 }
 

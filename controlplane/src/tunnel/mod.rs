@@ -588,6 +588,81 @@ mod tests {
         assert!(!empty.authorized(Some("Bearer ")));
     }
 
+    /// The wire shape the upstream agent and server depend on: package-less service names and
+    /// the exact field numbers of Packet and its payloads.
+    #[test]
+    fn wire_shape_matches_konnectivity() {
+        use berth_proto::konnectivity::{agent_service_server, proxy_service_server};
+        use prost::Message;
+        assert_eq!(agent_service_server::SERVICE_NAME, "AgentService");
+        assert_eq!(proxy_service_server::SERVICE_NAME, "ProxyService");
+        let data = Packet {
+            r#type: PacketType::Data as i32,
+            payload: Some(Payload::Data(Data {
+                connect_id: 5,
+                error: String::new(),
+                data: bytes::Bytes::from_static(b"hi"),
+            })),
+        };
+        // type=1 varint 4; data=4 (len 6): connectID=1 varint 5, data=3 "hi"
+        assert_eq!(
+            data.encode_to_vec(),
+            [0x08, 0x04, 0x22, 0x06, 0x08, 0x05, 0x1a, 0x02, b'h', b'i']
+        );
+        let dial = Packet {
+            r#type: PacketType::DialReq as i32,
+            payload: Some(Payload::DialRequest(DialRequest {
+                protocol: "tcp".into(),
+                address: "a:1".into(),
+                random: 7,
+            })),
+        };
+        // DIAL_REQ=0 is omitted; dialRequest=2: protocol=1, address=2, random=3
+        assert_eq!(
+            dial.encode_to_vec(),
+            [
+                0x12, 0x0c, 0x0a, 0x03, b't', b'c', b'p', 0x12, 0x03, b'a', b':', b'1', 0x18, 0x07
+            ]
+        );
+        let rsp = berth_proto::konnectivity::DialResponse {
+            error: "e".into(),
+            connect_id: 2,
+            random: 3,
+        };
+        assert_eq!(
+            rsp.encode_to_vec(),
+            [0x0a, 0x01, b'e', 0x10, 0x02, 0x18, 0x03]
+        );
+        let close = berth_proto::konnectivity::CloseResponse {
+            error: "x".into(),
+            connect_id: 9,
+        };
+        assert_eq!(close.encode_to_vec(), [0x0a, 0x01, b'x', 0x10, 0x09]);
+        let drain = Packet {
+            r#type: PacketType::Drain as i32,
+            payload: Some(Payload::Drain(Default::default())),
+        };
+        assert_eq!(drain.encode_to_vec(), [0x08, 0x06, 0x42, 0x00]);
+        let cls = Packet {
+            r#type: PacketType::DialCls as i32,
+            payload: Some(Payload::CloseDial(berth_proto::konnectivity::CloseDial {
+                random: 1,
+            })),
+        };
+        assert_eq!(cls.encode_to_vec(), [0x08, 0x05, 0x3a, 0x02, 0x08, 0x01]);
+        for (t, v) in [
+            (PacketType::DialReq, 0),
+            (PacketType::DialRsp, 1),
+            (PacketType::CloseReq, 2),
+            (PacketType::CloseRsp, 3),
+            (PacketType::Data, 4),
+            (PacketType::DialCls, 5),
+            (PacketType::Drain, 6),
+        ] {
+            assert_eq!(t as i32, v);
+        }
+    }
+
     #[test]
     fn no_agent_is_a_clear_error() {
         let s = TunnelServer::new(TunnelConfig::default());
