@@ -17,7 +17,7 @@ struct Cli {
 enum Command {
     /// Run the tunnel server (Konnectivity AgentService + ProxyService + HTTP CONNECT), the node
     /// API and the node lifecycle controller.
-    Serve(berth_controlplane::serve::ServeArgs),
+    Serve(Box<berth_controlplane::serve::ServeArgs>),
     /// Show the nodes, their states and pending actions of a running control plane.
     Status(berth_controlplane::status::StatusArgs),
     /// Ask a running control plane for an action (upgrade, drain, pods and PDBs of the model).
@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         .context("tokio runtime")?;
     match cli.command {
         Command::Serve(args) => rt
-            .block_on(berth_controlplane::serve::run_until_signal(args))
+            .block_on(berth_controlplane::serve::run_until_signal(*args))
             .context("serve")?,
         Command::Status(args) => {
             let out = rt

@@ -71,8 +71,18 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1)]
     pub server_count: u32,
     /// File(s) of accepted agent bearer tokens, one per line. Never logged.
-    #[arg(long = "token-file", required = true)]
+    #[arg(long = "token-file")]
     pub token_files: Vec<PathBuf>,
+    /// TLS certificate (PEM) of the agent endpoint; with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the agent endpoint.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs agent client certificates: mTLS, agents without a valid certificate
+    /// are refused during the handshake (tokens are then optional).
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// Per-stream credit window offered to Berth agents (0 disables the extension).
     #[arg(long, default_value_t = DEFAULT_WINDOW)]
     pub window: u32,
@@ -116,6 +126,9 @@ impl ServeArgs {
             server_id: "berth-server-1".into(),
             server_count: 1,
             token_files: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
             window: DEFAULT_WINDOW,
             dial_timeout_ms: 10_000,
             plan: Plan::Free,
@@ -140,6 +153,24 @@ impl ServeArgs {
             tick: Duration::from_millis(self.tick_ms.max(10)),
         }
     }
+}
+
+fn read_pem(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+/// TLS settings of the agent endpoint (mTLS when a client CA is given).
+fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut cfg = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read_pem(cert)?, read_pem(key)?),
+    );
+    if let Some(ca) = &args.client_ca {
+        cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(read_pem(ca)?));
+    }
+    Ok(Some(cfg))
 }
 
 /// Reads bearer tokens (one per line, `#` comments) from files.
@@ -199,9 +230,12 @@ pub async fn start(
     args: &ServeArgs,
     tokens: Vec<String>,
 ) -> Result<(Running, mpsc::UnboundedReceiver<ProvisionRequest>)> {
-    if tokens.is_empty() {
-        return Err(Error::Config("no agent token configured".into()));
+    if tokens.is_empty() && args.client_ca.is_none() {
+        return Err(Error::Config(
+            "no agent authentication configured (--token-file or --client-ca)".into(),
+        ));
     }
+    let tls = tls_config(args)?;
     for a in [args.proxy_listen, args.connect_listen]
         .into_iter()
         .flatten()
@@ -217,6 +251,7 @@ pub async fn start(
         server_id: args.server_id.clone(),
         server_count: args.server_count.max(1),
         tokens,
+        mtls: args.client_ca.is_some(),
         dial_timeout: Duration::from_millis(args.dial_timeout_ms),
         window: args.window,
     });
@@ -244,7 +279,17 @@ pub async fn start(
     });
     let mut sd = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("agent endpoint TLS: {e}");
+                    return;
+                }
+            };
+        }
+        let r = builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .initial_stream_window_size(Some(H2_STREAM_WINDOW))
@@ -385,7 +430,11 @@ async fn run_hook(hook: String, req: ProvisionRequest) {
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run_until_signal(args: ServeArgs) -> Result<()> {
-    let tokens = read_tokens(&args.token_files)?;
+    let tokens = if args.token_files.is_empty() {
+        Vec::new()
+    } else {
+        read_tokens(&args.token_files)?
+    };
     let (running, mut prov_rx) = start(&args, tokens).await?;
     let hook = args.provision_hook.clone();
     tokio::spawn(async move {

@@ -294,6 +294,10 @@ pub fn agent_args(
     TunnelArgs {
         servers,
         tunnel_token_file: Some(token.to_path_buf()),
+        tunnel_ca_file: None,
+        tunnel_cert_file: None,
+        tunnel_key_file: None,
+        tunnel_server_name: None,
         tunnel_agent_id: None,
         tunnel_allow: allow,
         // Serves destinations no agent claims by address (the tests also dial 127.0.0.1).
@@ -778,4 +782,58 @@ pub async fn cp_status(addr: SocketAddr) -> serde_json::Value {
         .expect("status request");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).expect("status JSON")
+}
+
+/// PEM files of a test PKI: a CA, a server certificate for `server_ip`, a client certificate.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    /// Writes a fresh PKI into `dir` (file names prefixed with `name`).
+    pub fn new(dir: &Path, name: &str, server_ip: IpAddr) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose, SanType,
+        };
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let srv_key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(vec!["berth-controlplane".to_string()]).expect("params");
+        p.subject_alt_names.push(SanType::IpAddress(server_ip));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let srv = p.signed_by(&srv_key, &ca, &ca_key).expect("server cert");
+        let cl_key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name
+            .push(DnType::CommonName, format!("{name}-agent"));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cl = p.signed_by(&cl_key, &ca, &ca_key).expect("client cert");
+        let w = |f: &str, text: String| {
+            let path = dir.join(format!("{name}-{f}"));
+            std::fs::write(&path, text).expect("write PEM");
+            path
+        };
+        Pki {
+            ca: w("ca.pem", ca.pem()),
+            server_cert: w("server.pem", srv.pem()),
+            server_key: w("server-key.pem", srv_key.serialize_pem()),
+            client_cert: w("client.pem", cl.pem()),
+            client_key: w("client-key.pem", cl_key.serialize_pem()),
+        }
+    }
 }

@@ -17,7 +17,7 @@ use berth_proto::konnectivity::{
 use berth_tests::{
     netns::require_root,
     tunnel::{
-        AgentGuard, CHATTER_PORT, CP_IP, CP_IPS, NODE_IP, NsRuntime, TOKEN, Tls, Topology,
+        AgentGuard, CHATTER_PORT, CP_IP, CP_IPS, NODE_IP, NsRuntime, Pki, TOKEN, Tls, Topology,
         agent_args, check_pattern, connect_via_http, cp_status, dial_via_grpc, http_get_pattern,
         http_post_pattern, proxy_channel, spawn_controlplane, start_chatter, start_kubelet,
         token_file, wait_until_async,
@@ -926,4 +926,112 @@ async fn drain_finishes_open_streams_and_refuses_new_dials() {
     assert!(state.draining_tunnel);
     agent.stop().await;
     wait_agents(&cp_rt, addrs.status, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_agents_are_accepted_and_foreign_certificates_refused() {
+    require_root();
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "good", IpAddr::V4(CP_IP));
+    let foreign = Pki::new(dir.path(), "foreign", IpAddr::V4(CP_IP));
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
+    let (cert, key, ca) = (p(&pki.server_cert), p(&pki.server_key), p(&pki.ca));
+    let (_cp, addrs) = spawn_controlplane(
+        &topo.cp,
+        CP_IP,
+        "cp-1",
+        1,
+        dir.path(),
+        &["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca],
+    );
+    let cp_rt = NsRuntime::new(Some(&topo.cp.path()));
+    let node_rt = NsRuntime::new(Some(&topo.node.path()));
+    let chatter = node_rt
+        .run(start_chatter(SocketAddr::new(
+            IpAddr::V4(NODE_IP),
+            CHATTER_PORT,
+        )))
+        .await;
+    let token = token_file(dir.path(), TOKEN);
+    let allow = vec![format!("{NODE_IP}:{CHATTER_PORT}")];
+
+    // A certificate from another CA, and TLS with the right token but no client certificate:
+    // both refused during the handshake.
+    let d1 = tempfile::tempdir().unwrap();
+    let mut a1 = agent_args(
+        vec![addrs.agent.to_string()],
+        &token,
+        d1.path(),
+        allow.clone(),
+    );
+    a1.tunnel_token_file = None;
+    a1.tunnel_ca_file = Some(pki.ca.clone());
+    a1.tunnel_cert_file = Some(foreign.client_cert.clone());
+    a1.tunnel_key_file = Some(foreign.client_key.clone());
+    let intruder = AgentGuard::start(&node_rt.handle, a1, "intruder");
+    let d2 = tempfile::tempdir().unwrap();
+    let mut a2 = agent_args(
+        vec![addrs.agent.to_string()],
+        &token,
+        d2.path(),
+        allow.clone(),
+    );
+    a2.tunnel_ca_file = Some(pki.ca.clone());
+    let token_only = AgentGuard::start(&node_rt.handle, a2, "token-only");
+    // The good agent: client certificate, no token.
+    let mut a3 = agent_args(vec![addrs.agent.to_string()], &token, dir.path(), allow);
+    a3.tunnel_token_file = None;
+    a3.tunnel_ca_file = Some(pki.ca.clone());
+    a3.tunnel_cert_file = Some(pki.client_cert.clone());
+    a3.tunnel_key_file = Some(pki.client_key.clone());
+    let agent = AgentGuard::start(&node_rt.handle, a3, "node-m");
+    wait_until_async("mTLS agent connected", LIMIT, || async {
+        agent.handle.connected_servers() == vec!["cp-1".to_string()]
+    })
+    .await;
+    wait_until_async("node registered over mTLS", LIMIT, || async {
+        let v = cp_rt.run(cp_status(addrs.status)).await;
+        v["registry"]["nodes"][0]["state"] == "Ready"
+    })
+    .await;
+    let mut s = connect_via_http(&addrs.connect_uds, &format!("{NODE_IP}:{CHATTER_PORT}"))
+        .await
+        .unwrap();
+    s.write_all(b"m 4096\n").await.unwrap();
+    let mut got = Vec::new();
+    within("mTLS stream", s.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!((got.len(), check_pattern(0, &got)), (4096, None));
+    assert!(chatter.finished.lock().unwrap().contains(&"m".to_string()));
+    // The others keep trying and keep being refused.
+    wait_until_async("refused agents retried", LIMIT, || async {
+        intruder
+            .handle
+            .stats
+            .connect_failures
+            .load(Ordering::Relaxed)
+            >= 3
+            && token_only
+                .handle
+                .stats
+                .connect_failures
+                .load(Ordering::Relaxed)
+                >= 3
+    })
+    .await;
+    assert!(intruder.handle.connected_servers().is_empty());
+    assert!(token_only.handle.connected_servers().is_empty());
+    let v = cp_rt.run(cp_status(addrs.status)).await;
+    let ids: Vec<&str> = v["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["node-m"]);
+    intruder.stop().await;
+    token_only.stop().await;
+    agent.stop().await;
 }

@@ -19,16 +19,17 @@ pub struct SessionConfig {
     pub probes: Probes,
     /// Heartbeat period; `None` = the server's hint.
     pub heartbeat: Option<Duration>,
-    /// `Bearer <token>` (sensitive: never logged).
-    pub authorization: MetadataValue<Ascii>,
+    /// `Bearer <token>` (sensitive: never logged); `None` with mTLS.
+    pub authorization: Option<MetadataValue<Ascii>>,
     /// Set while the tunnel drains.
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn req<T>(cfg: &SessionConfig, msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", cfg.authorization.clone());
+    if let Some(a) = &cfg.authorization {
+        r.metadata_mut().insert("authorization", a.clone());
+    }
     r.set_timeout(Duration::from_secs(10));
     r
 }

@@ -50,6 +50,18 @@ pub struct TunnelArgs {
     /// File holding the bearer token (service-account token) for the tunnel server.
     #[arg(long, env = "BERTH_TUNNEL_TOKEN_FILE")]
     pub tunnel_token_file: Option<PathBuf>,
+    /// CA (PEM) of the tunnel server's certificate: connect with TLS.
+    #[arg(long)]
+    pub tunnel_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; with --tunnel-key-file.
+    #[arg(long, requires = "tunnel_key_file")]
+    pub tunnel_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mTLS.
+    #[arg(long, requires = "tunnel_cert_file")]
+    pub tunnel_key_file: Option<PathBuf>,
+    /// Name to verify the server certificate against (default: the host of the address).
+    #[arg(long)]
+    pub tunnel_server_name: Option<String>,
     /// Agent ID (`agentid`); default: the node name.
     #[arg(long)]
     pub tunnel_agent_id: Option<String>,
@@ -158,13 +170,18 @@ pub struct Stats {
     pub dials_failed: AtomicU64,
     pub open_streams: AtomicU64,
     pub streams_closed_bad_input: AtomicU64,
+    /// Failed attempts to connect to a server (refused, TLS or token rejected, unreachable).
+    pub connect_failures: AtomicU64,
 }
 
 /// Shared state of the tunnel client.
 pub(crate) struct Ctx {
     pub agent_id: String,
     pub identifiers: String,
-    pub authorization: MetadataValue<Ascii>,
+    /// `Bearer <token>` (sensitive) when token authentication is used.
+    pub authorization: Option<MetadataValue<Ascii>>,
+    /// TLS (and mTLS) settings for the server connection.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     pub allow: AllowList,
     pub dial_timeout: Duration,
     pub node: Arc<NodeAgent>,
@@ -254,14 +271,44 @@ pub fn prepare(args: &TunnelArgs, basics: &NodeBasics) -> Result<TunnelHandle> {
     if args.servers.is_empty() {
         return Err(Error::Config("no --tunnel-server given".into()));
     }
-    let token_file = args.tunnel_token_file.as_ref().ok_or_else(|| {
-        Error::Config("--tunnel-token-file is required with --tunnel-server".into())
-    })?;
-    let token = read_token(token_file)?;
-    let mut authorization: MetadataValue<Ascii> = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| Error::Config("token is not a valid header value".into()))?;
-    authorization.set_sensitive(true);
+    if args.tunnel_token_file.is_none() && args.tunnel_cert_file.is_none() {
+        return Err(Error::Config(
+            "--tunnel-token-file or --tunnel-cert-file is required with --tunnel-server".into(),
+        ));
+    }
+    let authorization = match &args.tunnel_token_file {
+        None => None,
+        Some(f) => {
+            let token = read_token(f)?;
+            let mut v: MetadataValue<Ascii> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::Config("token is not a valid header value".into()))?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+    };
+    let read =
+        |p: &PathBuf| std::fs::read(p).map_err(|e| Error::io(format!("read {}", p.display()), e));
+    let tls = match (
+        &args.tunnel_ca_file,
+        &args.tunnel_cert_file,
+        &args.tunnel_key_file,
+    ) {
+        (None, None, _) => None,
+        (ca, cert, key) => {
+            let mut cfg = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = ca {
+                cfg = cfg.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(c), Some(k)) = (cert, key) {
+                cfg = cfg.identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?));
+            }
+            if let Some(name) = &args.tunnel_server_name {
+                cfg = cfg.domain_name(name.clone());
+            }
+            Some(cfg)
+        }
+    };
     let agent_id = args
         .tunnel_agent_id
         .clone()
@@ -335,6 +382,7 @@ pub fn prepare(args: &TunnelArgs, basics: &NodeBasics) -> Result<TunnelHandle> {
             args.tunnel_default_route,
         ),
         authorization,
+        tls,
         allow,
         dial_timeout: Duration::from_millis(args.tunnel_dial_timeout_ms),
         node: node.clone(),
@@ -425,6 +473,7 @@ pub async fn run_prepared(
                     }
                 }
                 Err(e) => {
+                    ctx.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                     let d = backoff.next_delay();
                     tracing::warn!(%addr, "tunnel connect failed: {e}; retrying in {d:?}");
                     d

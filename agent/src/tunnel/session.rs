@@ -46,8 +46,15 @@ pub(super) struct Connection {
 
 /// Dials `addr` and opens `AgentService.Connect`.
 pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connection> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error::Tunnel(format!("bad server address {addr:?}: {e}")))?
+    let scheme = if ctx.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| Error::Tunnel(format!("bad server address {addr:?}: {e}")))?;
+    if let Some(tls) = &ctx.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| Error::Tunnel(format!("TLS settings: {e}")))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)
@@ -72,7 +79,9 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
         MetadataValue::try_from(ctx.identifiers.as_str())
             .map_err(|_| Error::Config("identifiers are not a valid header".into()))?,
     );
-    md.insert("authorization", ctx.authorization.clone());
+    if let Some(a) = &ctx.authorization {
+        md.insert("authorization", a.clone());
+    }
     md.insert(FLOW_CONTROL_KEY, MetadataValue::from_static("1"));
     let mut client =
         AgentServiceClient::new(channel.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE);

@@ -24,7 +24,7 @@ impl NodeService for NodeSvc {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        check_auth(&self.tunnel, request.metadata())?;
+        check_auth(&self.tunnel, &request)?;
         self.registry
             .register(request.into_inner())
             .map(Response::new)
@@ -35,7 +35,7 @@ impl NodeService for NodeSvc {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        check_auth(&self.tunnel, request.metadata())?;
+        check_auth(&self.tunnel, &request)?;
         Ok(Response::new(self.registry.heartbeat(request.into_inner())))
     }
 }

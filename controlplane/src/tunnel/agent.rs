@@ -36,10 +36,15 @@ pub fn agent_id_of(md: &tonic::metadata::MetadataMap) -> Result<String, Status> 
     Ok(id.to_string())
 }
 
-/// Checks the bearer token of a request (the token is never logged).
-pub fn check_auth(server: &TunnelServer, md: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-    let auth = md.get("authorization").and_then(|v| v.to_str().ok());
-    if server.authorized(auth) {
+/// Checks a request: a client certificate verified by the mTLS handshake, or a bearer token (the
+/// token is never logged).
+pub fn check_auth<T>(server: &TunnelServer, request: &Request<T>) -> Result<(), Status> {
+    let cert_ok = server.config.mtls && request.peer_certs().is_some_and(|c| !c.is_empty());
+    let auth = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if cert_ok || server.authorized(auth) {
         Ok(())
     } else {
         Err(Status::unauthenticated("missing or invalid bearer token"))
@@ -56,7 +61,7 @@ impl AgentService for AgentSvc {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let md = request.metadata();
         let agent_id = agent_id_of(md);
-        if let Err(status) = check_auth(&self.server, md) {
+        if let Err(status) = check_auth(&self.server, &request) {
             tracing::warn!(agent = ?agent_id.as_ref().ok(), remote = ?request.remote_addr(), "agent refused: bad or missing token");
             return Err(status);
         }

@@ -54,6 +54,9 @@ pub struct TunnelConfig {
     pub server_count: u32,
     /// Accepted bearer tokens. Never logged.
     pub tokens: Vec<String>,
+    /// Agents authenticate with client certificates (verified by the TLS layer against the
+    /// client CA); a verified certificate is enough.
+    pub mtls: bool,
     /// How long a frontend waits for the agent's DIAL_RSP.
     pub dial_timeout: Duration,
     /// Per-stream credit window offered to Berth agents (0 disables the extension).
@@ -66,6 +69,7 @@ impl Default for TunnelConfig {
             server_id: "berth-server".into(),
             server_count: 1,
             tokens: Vec::new(),
+            mtls: false,
             dial_timeout: Duration::from_secs(10),
             window: DEFAULT_WINDOW,
         }
