@@ -30,6 +30,8 @@ pub const MAX_GRPC_MESSAGE: usize = 16 << 20;
 /// 64 KiB would throttle them (per-stream fairness comes from the tunnel's own credit).
 pub const H2_STREAM_WINDOW: u32 = 4 << 20;
 pub const H2_CONN_WINDOW: u32 = 8 << 20;
+/// Largest HTTP/2 frame accepted from agents (a whole DATA chunk fits in one frame).
+pub const H2_MAX_FRAME: u32 = 1 << 20;
 
 /// Accepted TCP connections with Nagle off (small tunnel packets must not wait for ACKs).
 fn nodelay(
@@ -294,6 +296,7 @@ pub async fn start(
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .initial_stream_window_size(Some(H2_STREAM_WINDOW))
             .initial_connection_window_size(Some(H2_CONN_WINDOW))
+            .max_frame_size(Some(H2_MAX_FRAME))
             .add_service(agent_svc)
             .add_service(node_svc)
             .serve_with_incoming_shutdown(nodelay(agent_listener), async move {

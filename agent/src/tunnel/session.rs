@@ -27,7 +27,7 @@ use crate::{Error, Result};
 /// Largest DATA payload accepted from the server; a bigger one closes its stream.
 pub const MAX_DATA_BYTES: usize = 1 << 20;
 /// Largest read forwarded in one DATA packet.
-pub const CHUNK_BYTES: usize = 128 * 1024;
+pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Receive buffer per stream when the server does not speak the credit extension.
 pub const UNCREDITED_BUFFER_LIMIT: usize = 4 << 20;
 const FLOW_CONTROL_KEY: &str = "berth-flow-control";
@@ -59,6 +59,7 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
         .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
+        .max_frame_size(1 << 20)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);

@@ -37,9 +37,9 @@ use crate::{Error, Result};
 /// Largest DATA payload accepted in one packet; a bigger one closes its stream.
 pub const MAX_DATA_BYTES: usize = 1 << 20;
 /// Largest chunk a frontend reader forwards in one DATA packet.
-pub const CHUNK_BYTES: usize = 128 * 1024;
+pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Default per-stream credit window (bytes in flight per direction) for Berth agents.
-pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
+pub const DEFAULT_WINDOW: u32 = 2 * 1024 * 1024;
 /// Receive buffer of a stream when the agent does not speak the credit extension.
 pub const UNCREDITED_BUFFER_LIMIT: usize = 4 << 20;
 /// Metadata key that negotiates the credit extension.
