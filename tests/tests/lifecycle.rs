@@ -71,7 +71,7 @@ impl Cluster {
         let (mut args, tokens) = ServeArgs::local(TOKEN);
         args.plan = plan;
         args.heartbeat_interval_ms = 100;
-        args.heartbeat_grace_ms = 1_000;
+        args.heartbeat_grace_ms = 2_000;
         args.autoheal_after_ms = autoheal_ms;
         args.drain_timeout_ms = drain_timeout_ms;
         args.pod_start_ms = 200;
@@ -221,7 +221,7 @@ fn state_of(s: &RegistryStatus, instance: &str) -> Option<NodeState> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_lost_heartbeats_and_free_plan_reinstall_in_place() {
-    let mut c = Cluster::new(Plan::Free, 1_500, 60_000).await;
+    let mut c = Cluster::new(Plan::Free, 3_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-a", "1.0.0");
     c.wait("node-1 Ready", |s| {
         state_of(s, "i-0001") == Some(NodeState::Ready)
@@ -301,7 +301,7 @@ async fn registration_lost_heartbeats_and_free_plan_reinstall_in_place() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_plan_autoheal_replaces_the_node() {
-    let mut c = Cluster::new(Plan::Standard, 1_500, 60_000).await;
+    let mut c = Cluster::new(Plan::Standard, 3_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-s", "1.0.0");
     c.start_node("node-2", "i-0002", "pool-s", "1.0.0");
     c.wait("both Ready", |s| {
@@ -399,7 +399,7 @@ fn pdb(app: &str, min_available: Option<u32>, max_unavailable: Option<u32>) -> P
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_respects_the_pdb_then_forces_after_the_timeout() {
-    let mut c = Cluster::new(Plan::Free, 600_000, 2_000).await;
+    let mut c = Cluster::new(Plan::Free, 600_000, 4_000).await;
     c.start_node("node-1", "i-0001", "pool-a", "1.0.0");
     c.start_node("node-2", "i-0002", "pool-a", "1.0.0");
     c.wait("both Ready", |s| {
