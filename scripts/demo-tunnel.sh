@@ -27,6 +27,9 @@ PIN=/sys/fs/bpf/berth-demo-tunnel-$$
 PIDS=()
 cleanup() {
   set +e
+  # The agent drains on the first SIGTERM and stops on the second.
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  sleep 0.5
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   sleep 0.5
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
@@ -39,7 +42,6 @@ trap cleanup EXIT INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 in_cp() { nsenter --net="/run/netns/$CP" "$@"; }
-in_node() { nsenter --net="/run/netns/$NODE" "$@"; }
 
 step "network: control plane 10.199.0.1 <-veth-> node 10.199.0.2"
 ip netns add "$CP"
@@ -68,12 +70,14 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=node-demo \
   -keyout "$TMP/kubelet.key" -out "$TMP/kubelet.crt" 2>/dev/null
 mkdir -p "$TMP/www"
 echo "hello from the kubelet on node-demo ($(date -u +%H:%M:%S))" > "$TMP/www/index.html"
-(cd "$TMP/www" && in_node openssl s_server -quiet -accept 10250 -cert "$TMP/kubelet.crt" \
-  -key "$TMP/kubelet.key" -WWW >"$TMP/kubelet.log" 2>&1) &
+# Background processes are started with nsenter directly (it execs the program), so $! is the
+# program's own PID and the cleanup trap can stop it.
+nsenter --net="/run/netns/$NODE" --wd="$TMP/www" openssl s_server -quiet -accept 10250 \
+  -cert "$TMP/kubelet.crt" -key "$TMP/kubelet.key" -WWW >"$TMP/kubelet.log" 2>&1 &
 PIDS+=($!)
 
 step "control plane (tunnel server, node API, lifecycle controller)"
-in_cp "$BIN/berth-controlplane" serve \
+nsenter --net="/run/netns/$CP" "$BIN/berth-controlplane" serve \
   --agent-listen 10.199.0.1:8091 --status-listen 127.0.0.1:8092 \
   --connect-uds "$TMP/konnectivity-connect.sock" --proxy-uds "$TMP/konnectivity-grpc.sock" \
   --connect-listen 127.0.0.1:8090 \
@@ -82,7 +86,7 @@ in_cp "$BIN/berth-controlplane" serve \
 PIDS+=($!)
 
 step "berth-agent on the node, with its tunnel"
-in_node "$BIN/berth-agent" \
+nsenter --net="/run/netns/$NODE" "$BIN/berth-agent" \
   --pod-cidr 10.2.9.0/24 --node-name node-demo \
   --socket "$TMP/agent.sock" --state-dir "$TMP/agent-state" --cni-state-dir "$TMP/cni" \
   --pin-root "$PIN" --no-fsync \

@@ -21,6 +21,10 @@ use std::{sync::Arc, time::Duration};
 struct Cli {
     #[command(flatten)]
     agent: AgentArgs,
+    /// Konnectivity-compatible tunnel and node registration (optional: only with
+    /// --tunnel-server).
+    #[command(flatten)]
+    tunnel: berth_agent::tunnel::TunnelArgs,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "BERTH_LOG", default_value = "info")]
     log: String,
@@ -97,7 +101,22 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         });
-        let shutdown = async {
+        // The tunnel (issue 3) runs beside the local API when a server is given.
+        let (tunnel_tx, tunnel_rx) = berth_agent::tunnel::shutdown_channel();
+        let tunnel = (!cli.tunnel.servers.is_empty()).then(|| {
+            let basics = berth_agent::tunnel::NodeBasics {
+                node_name: settings.node_name.clone(),
+                pod_cidr: Some(settings.pod_cidr.into()),
+            };
+            let args = cli.tunnel.clone();
+            tokio::spawn(async move {
+                if let Err(e) = berth_agent::tunnel::run(args, basics, tunnel_rx).await {
+                    tracing::error!("tunnel stopped: {e}");
+                }
+            })
+        });
+        let has_tunnel = tunnel.is_some();
+        let shutdown = async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("SIGTERM handler");
@@ -105,9 +124,26 @@ fn main() -> anyhow::Result<()> {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            if has_tunnel {
+                // First signal: DRAIN (no new dials, open streams finish); second: exit.
+                tracing::info!("draining the tunnel; signal again to stop");
+                let _ = tunnel_tx.send(berth_agent::tunnel::Shutdown::Drain);
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            let _ = tunnel_tx.send(berth_agent::tunnel::Shutdown::Exit);
             tracing::info!("shutting down; the datapath stays pinned and attached");
         };
         server::serve(core, listener, shutdown).await?;
+        if let Some(t) = tunnel
+            && tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .is_err()
+        {
+            tracing::warn!("tunnel did not stop in time");
+        }
         let _ = std::fs::remove_file(&settings.socket);
         anyhow::Ok(())
     })

@@ -28,11 +28,28 @@ enum Cmd {
     Status,
     /// Endpoints: container, pod, IP, interface, packets/bytes, drops.
     Endpoints,
+    /// This node's registration, lifecycle state and last lifecycle commands (from the state file
+    /// the agent's tunnel writes).
+    Node {
+        #[arg(long, default_value = "/run/berth/node.json")]
+        state_file: PathBuf,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Node { state_file } = &cli.cmd {
+        let state = berth_agent::node::read_state(state_file).with_context(|| {
+            format!("read {} (is the agent's tunnel on?)", state_file.display())
+        })?;
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&state)?);
+        } else {
+            print!("{}", berth_agent::node::format_state(&state));
+        }
+        return Ok(());
+    }
     let mut client = berth_agent::server::connect_grpc(&cli.socket)
         .await
         .with_context(|| format!("connect to berth-agent at {}", cli.socket.display()))?;
@@ -82,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Node { .. } => unreachable!("handled before connecting"),
         Cmd::Endpoints => {
             let eps = client
                 .list_endpoints(berth_proto::agent::ListEndpointsRequest {})
