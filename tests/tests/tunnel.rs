@@ -1035,3 +1035,148 @@ async fn mtls_agents_are_accepted_and_foreign_certificates_refused() {
     token_only.stop().await;
     agent.stop().await;
 }
+
+/// Removes a bpffs pin directory on drop.
+struct PinDir(std::path::PathBuf);
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_agent_binary_first_sigterm_drains_second_exits() {
+    require_root();
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_cp, addrs) = spawn_controlplane(&topo.cp, CP_IP, "cp-1", 1, dir.path(), &[]);
+    let cp_rt = NsRuntime::new(Some(&topo.cp.path()));
+    let node_rt = NsRuntime::new(Some(&topo.node.path()));
+    let chatter = node_rt
+        .run(start_chatter(SocketAddr::new(
+            IpAddr::V4(NODE_IP),
+            CHATTER_PORT,
+        )))
+        .await;
+    let token = token_file(dir.path(), TOKEN);
+    let pins = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        berth_tests::netns::unique_name("btun")
+    )));
+    let bin = berth_tests::netns::workspace_bin("berth-agent");
+    let d = dir.path();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let log = std::fs::File::create(d.join("agent.log")).unwrap();
+    let child = topo
+        .node
+        .command(bin.to_str().unwrap())
+        .args([
+            "--config",
+            "/dev/null",
+            "--pod-cidr",
+            "10.2.7.0/24",
+            "--node-name",
+            "node-bin",
+        ])
+        .args(["--socket", &s("agent.sock"), "--state-dir", &s("state")])
+        .args([
+            "--cni-state-dir",
+            &s("cni"),
+            "--pin-root",
+            pins.0.to_str().unwrap(),
+        ])
+        .args(["--no-fsync", "--tunnel-server", &addrs.agent.to_string()])
+        .args(["--tunnel-token-file", token.to_str().unwrap()])
+        .args([
+            "--node-ip",
+            &NODE_IP.to_string(),
+            "--node-state-file",
+            &s("node.json"),
+        ])
+        .args(["--tunnel-allow", &format!("{NODE_IP}:{CHATTER_PORT}")])
+        .args([
+            "--node-kubelet-healthz",
+            "none",
+            "--node-runtime-socket",
+            "none",
+        ])
+        .args(["--node-datapath-pin", "none", "--node-disk-path", &s("")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn berth-agent");
+    let mut agent = berth_tests::tunnel::Proc {
+        child: Some(child),
+        log: d.join("agent.log"),
+    };
+    let pid = nix::unistd::Pid::from_raw(agent.child.as_ref().unwrap().id() as i32);
+    wait_until_async("berth-agent connected and registered", LIMIT, || async {
+        let v = cp_rt.run(cp_status(addrs.status)).await;
+        v["registry"]["nodes"][0]["state"] == "Ready"
+    })
+    .await;
+    let target = format!("{NODE_IP}:{CHATTER_PORT}");
+    const BIG: u64 = 8 * 1024 * 1024;
+    let mut open = connect_via_http(&addrs.connect_uds, &target).await.unwrap();
+    open.write_all(format!("bin {BIG}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 1024];
+    open.read_exact(&mut first).await.unwrap();
+
+    // First SIGTERM: DRAIN, new dials refused, the process keeps running.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until_async("server sees the agent draining", LIMIT, || async {
+        let v = cp_rt.run(cp_status(addrs.status)).await;
+        v["agents"][0]["draining"] == true
+    })
+    .await;
+    let err = connect_via_http(&addrs.connect_uds, &target)
+        .await
+        .unwrap_err();
+    assert!(err.contains("draining"), "{err}");
+    let mut rest = Vec::new();
+    within("open stream during drain", open.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let mut all = first;
+    all.extend(rest);
+    assert_eq!((all.len() as u64, check_pattern(0, &all)), (BIG, None));
+    assert!(
+        chatter
+            .finished
+            .lock()
+            .unwrap()
+            .contains(&"bin".to_string())
+    );
+    assert!(
+        agent.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "still running after the first SIGTERM:\n{}",
+        agent.log_tail()
+    );
+    let state = berth_agent::node::read_state(&d.join("node.json")).unwrap();
+    assert!(state.draining_tunnel);
+
+    // Second SIGTERM: exit.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut status = None;
+    for _ in 0..600 {
+        if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status =
+        status.unwrap_or_else(|| panic!("berth-agent did not exit:\n{}", agent.log_tail()));
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        agent.log_tail()
+    );
+    wait_agents(&cp_rt, addrs.status, 0).await;
+    let log = std::fs::read_to_string(d.join("agent.log")).unwrap();
+    assert!(!log.contains(TOKEN), "the token never reaches the log");
+    agent.kill();
+}
