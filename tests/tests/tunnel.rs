@@ -386,7 +386,15 @@ async fn refusals_bad_token_allow_list_closed_port_malformed_frames() {
         agent_args(vec![addrs.agent.to_string()], &bad, bad_dir.path(), vec![]),
         "intruder",
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until_async("the intruder was refused repeatedly", LIMIT, || async {
+        intruder
+            .handle
+            .stats
+            .connect_failures
+            .load(Ordering::Relaxed)
+            >= 3
+    })
+    .await;
     assert!(intruder.handle.connected_servers().is_empty());
     let v = cp_rt.run(cp_status(addrs.status)).await;
     assert_eq!(v["agents"].as_array().unwrap().len(), 0, "{v}");
