@@ -40,6 +40,8 @@ fn main() {
             .build_transport(false)
             // DATA payloads as `Bytes`: decoding slices the received buffer instead of copying.
             .bytes(".")
+            // An undecodable frame becomes an empty Packet instead of ending the agent's stream.
+            .codec_path("crate::codec::LenientCodec")
             .compile_protos(&konn, &[root])
             .expect("compile konnectivity.proto");
     }

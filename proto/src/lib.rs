@@ -19,6 +19,10 @@ pub mod csi {
     include!(concat!(env!("OUT_DIR"), "/csi.v1.rs"));
 }
 
+/// The Konnectivity services' lenient gRPC codec (a malformed frame must not end the stream).
+#[cfg(feature = "grpc")]
+pub mod codec;
+
 /// The Konnectivity protocol (package-less proto: `/AgentService/Connect`, `/ProxyService/Proxy`).
 pub mod konnectivity {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));

@@ -1188,3 +1188,117 @@ async fn berth_agent_binary_first_sigterm_drains_second_exits() {
     assert!(!log.contains(TOKEN), "the token never reaches the log");
     agent.kill();
 }
+
+/// Encodes raw bytes as a gRPC message (to send frames no real peer would), decodes `Packet`s.
+#[derive(Default)]
+struct RawCodec;
+struct RawEncoder;
+struct PacketDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for PacketDecoder {
+    type Item = Packet;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Packet>, tonic::Status> {
+        use prost::Message;
+        Packet::decode(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Packet;
+    type Encoder = RawEncoder;
+    type Decoder = PacketDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> PacketDecoder {
+        PacketDecoder
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_frame_does_not_end_the_agent_stream() {
+    use prost::Message;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, tokens) = berth_controlplane::serve::ServeArgs::local(TOKEN);
+    let uds = dir.path().join("connect.sock");
+    args.connect_uds = Some(uds.clone());
+    let (cp, _prov) = berth_controlplane::serve::start(&args, tokens)
+        .await
+        .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.agent_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("agentid", "raw-agent".parse().unwrap());
+    req.metadata_mut().insert(
+        "agentidentifiers",
+        "host=raw-node&default-route=true".parse().unwrap(),
+    );
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    let mut inbound = grpc
+        .streaming(
+            req,
+            tonic::codegen::http::uri::PathAndQuery::from_static("/AgentService/Connect"),
+            RawCodec,
+        )
+        .await
+        .expect("Connect accepted")
+        .into_inner();
+    // Garbage that is not a protobuf message at all, then a packet whose type has no payload.
+    tx.send(vec![0xff, 0xff, 0xff, 0xff, 0x0f]).await.unwrap();
+    tx.send(vec![0x08, 0x04]).await.unwrap();
+    // The agent connection is still up: a dial through the frontend reaches this agent.
+    let uds2 = uds.clone();
+    let dial = tokio::spawn(async move { connect_via_http(&uds2, "10.1.2.3:10250").await });
+    let p = within("DIAL_REQ after the garbage", inbound.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(Payload::DialRequest(d)) = p.payload else {
+        panic!("expected DIAL_REQ, got {p:?}")
+    };
+    assert_eq!(d.address, "10.1.2.3:10250");
+    let rsp = Packet {
+        r#type: PacketType::DialRsp as i32,
+        payload: Some(Payload::DialResponse(DialResponse {
+            error: "scripted refusal".into(),
+            connect_id: 0,
+            random: d.random,
+        })),
+    };
+    tx.send(rsp.encode_to_vec()).await.unwrap();
+    let err = within("frontend answer", dial).await.unwrap().unwrap_err();
+    assert!(err.contains("scripted refusal"), "{err}");
+    assert_eq!(cp.tunnel.agents().len(), 1);
+    drop(tx);
+    cp.stop().await;
+}
