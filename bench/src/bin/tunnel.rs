@@ -64,6 +64,27 @@ async fn target_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A plain one-hop userspace TCP relay (what any proxy in the path costs), for context.
+async fn relay(target: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = a.set_nodelay(true);
+                let _ = b.set_nodelay(true);
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 256 << 10, 256 << 10)
+                        .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
 async fn via_tunnel(uds: &Path, target: SocketAddr) -> anyhow::Result<UnixStream> {
     let mut s = UnixStream::connect(uds).await?;
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
@@ -177,6 +198,7 @@ async fn bench() -> anyhow::Result<()> {
     args.connect_uds = Some(uds.clone());
     let (cp, _prov) = berth_controlplane::serve::start(&args, tokens).await?;
     let target = target_server().await?;
+    let relayed = relay(target).await?;
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN)?;
     let child = Command::new(std::env::current_exe()?)
@@ -203,7 +225,12 @@ async fn bench() -> anyhow::Result<()> {
     // Throughput, interleaved rounds.
     let mut direct_mbps = Vec::new();
     let mut tunnel_mbps = Vec::new();
+    let mut relay_mbps = Vec::new();
     for _ in 0..ROUNDS {
+        let t = Instant::now();
+        let n = transfer(TcpStream::connect(relayed).await?, BYTES).await?;
+        anyhow::ensure!(n == BYTES, "relay got {n}");
+        relay_mbps.push(BYTES as f64 / 1e6 / t.elapsed().as_secs_f64());
         let t = Instant::now();
         let n = transfer(TcpStream::connect(target).await?, BYTES).await?;
         anyhow::ensure!(n == BYTES, "direct got {n}");
@@ -269,6 +296,13 @@ async fn bench() -> anyhow::Result<()> {
         thr_ratio
     );
     println!(
+        "{:<34} {:>12.0} {:>12} {:>10.2}",
+        "  context: one-hop TCP relay MB/s",
+        median(&relay_mbps),
+        "-",
+        median(&relay_mbps) / median(&direct_mbps)
+    );
+    println!(
         "{:<34} {:>12.3} {:>12.3} {:>10}",
         "dial + first byte ms (median)",
         median(&direct_ms),
@@ -298,6 +332,8 @@ async fn bench() -> anyhow::Result<()> {
             "agent_rss_mb_idle": rss_idle,
             "throughput_mbps_direct": direct_mbps,
             "throughput_mbps_tunnel": tunnel_mbps,
+            "throughput_mbps_one_hop_relay": relay_mbps,
+            "relay_throughput_ratio": median(&relay_mbps) / median(&direct_mbps),
             "dial_ms_direct_median": median(&direct_ms),
             "dial_ms_tunnel_median": median(&tunnel_ms),
             "dial_ms_direct_p95": percentile(&direct_ms, 95.0),
