@@ -2,9 +2,9 @@
 //! controller, OpenStack API simulator).
 pub mod error;
 pub mod lifecycle;
+pub mod openstack;
 pub mod serve;
 pub mod status;
 pub mod tunnel;
-pub mod openstack;
 
 pub use error::{Error, Result};
