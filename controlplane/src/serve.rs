@@ -108,6 +108,11 @@ pub struct ServeArgs {
     pub pod_start_ms: u64,
     #[arg(long, default_value_t = 1_000)]
     pub tick_ms: u64,
+    /// Do not run the lifecycle controller on this replica (it still accepts registrations and
+    /// heartbeats and shows them). With several replicas and no shared registry, exactly one
+    /// replica should drive NotReady, auto-healing, drains and upgrades.
+    #[arg(long)]
+    pub no_lifecycle_controller: bool,
     /// Command run (with `sh -c`) for each provisioning request; it gets BERTH_ACTION,
     /// BERTH_INSTANCE_ID, BERTH_NODE_NAME, BERTH_POOL, BERTH_FLAVOR, BERTH_ZONE, BERTH_VERSION.
     /// Without it, requests stay listed as pending actions in the status view.
@@ -141,6 +146,7 @@ impl ServeArgs {
             pod_start_ms: 5_000,
             tick_ms: 1_000,
             provision_hook: None,
+            no_lifecycle_controller: false,
         };
         (args, vec![token.to_string()])
     }
@@ -376,7 +382,9 @@ pub async fn start(
         registry.clone(),
         shutdown_rx.clone(),
     )));
-    tasks.push(tokio::spawn(registry.clone().run(shutdown_rx.clone())));
+    if !args.no_lifecycle_controller {
+        tasks.push(tokio::spawn(registry.clone().run(shutdown_rx.clone())));
+    }
     tracing::info!(%agent_addr, %status_addr, server_id = %args.server_id, "control plane listening");
     Ok((
         Running {

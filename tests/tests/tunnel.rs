@@ -147,6 +147,8 @@ async fn three_replicas_failover_and_reconnect() {
     let topo = Topology::new();
     let dir = tempfile::tempdir().unwrap();
     let mut cps = Vec::new();
+    // Only replica 0 drives the lifecycle; the others still register and show the node.
+    let standby: &[&str] = &["--no-lifecycle-controller"];
     for (i, ip) in CP_IPS.iter().enumerate() {
         cps.push(spawn_controlplane(
             &topo.cp,
@@ -154,7 +156,7 @@ async fn three_replicas_failover_and_reconnect() {
             &format!("cp-{i}"),
             3,
             dir.path(),
-            &[],
+            if i == 0 { &[] } else { standby },
         ));
     }
     let cp_rt = NsRuntime::new(Some(&topo.cp.path()));
@@ -213,7 +215,7 @@ async fn three_replicas_failover_and_reconnect() {
     }
 
     // Restart it: the agent reconnects by itself.
-    let (p, a) = spawn_controlplane(&topo.cp, CP_IPS[1], "cp-1", 3, dir.path(), &[]);
+    let (p, a) = spawn_controlplane(&topo.cp, CP_IPS[1], "cp-1", 3, dir.path(), standby);
     cps[1] = (p, a);
     wait_until_async(
         "agent reconnects to the restarted replica",
