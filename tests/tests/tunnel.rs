@@ -1126,6 +1126,39 @@ async fn berth_agent_binary_first_sigterm_drains_second_exits() {
         v["registry"]["nodes"][0]["state"] == "Ready"
     })
     .await;
+    // The two CLIs: berthctl node on the node side, berth-controlplane status on the provider side.
+    let ctl = berth_tests::netns::workspace_bin("berthctl");
+    let out = std::process::Command::new(&ctl)
+        .args(["node", "--state-file", &s("node.json")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("node-bin") && text.contains("Ready (control plane cp-1)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("reserved   cpu 170m, memory 1.59 GB"),
+        "{text}"
+    );
+    let cp_bin = berth_tests::netns::workspace_bin("berth-controlplane");
+    let status = topo.cp.exec_ok(&[
+        cp_bin.to_str().unwrap(),
+        "status",
+        "--status-addr",
+        &addrs.status.to_string(),
+    ]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("node-bin") && l.contains("Ready")),
+        "{status}"
+    );
     let target = format!("{NODE_IP}:{CHATTER_PORT}");
     const BIG: u64 = 8 * 1024 * 1024;
     let mut open = connect_via_http(&addrs.connect_uds, &target).await.unwrap();
