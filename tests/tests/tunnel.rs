@@ -362,6 +362,14 @@ async fn thousand_streams_with_one_stalled_reader() {
             .load(Ordering::Relaxed),
         0
     );
+    // No leaked streams on either end once the clients are done.
+    drop(stalled);
+    wait_until_async("every stream released", LIMIT, || async {
+        let v = cp_rt.run(cp_status(addrs.status)).await;
+        agent.handle.stats.open_streams.load(Ordering::Relaxed) == 0
+            && v["agents"][0]["open_streams"] == 0
+    })
+    .await;
     agent.stop().await;
 }
 
