@@ -334,9 +334,19 @@ pub struct AgentGuard {
 impl AgentGuard {
     /// Starts the agent's tunnel on `rt` (inside the runtime's namespace).
     pub fn start(rt: &tokio::runtime::Handle, args: TunnelArgs, node_name: &str) -> Self {
+        Self::start_with_cidr(rt, args, node_name, "10.2.7.0/24")
+    }
+
+    /// [`AgentGuard::start`] with the node's pod CIDR (announced as `cidr`).
+    pub fn start_with_cidr(
+        rt: &tokio::runtime::Handle,
+        args: TunnelArgs,
+        node_name: &str,
+        pod_cidr: &str,
+    ) -> Self {
         let basics = NodeBasics {
             node_name: node_name.into(),
-            pod_cidr: Some("10.2.7.0/24".parse().expect("cidr")),
+            pod_cidr: Some(pod_cidr.parse().expect("cidr")),
         };
         let handle = berth_agent::tunnel::prepare(&args, &basics).expect("agent config");
         let (tx, rx) = berth_agent::tunnel::shutdown_channel();

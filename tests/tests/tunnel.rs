@@ -1345,3 +1345,109 @@ async fn undecodable_frame_does_not_end_the_agent_stream() {
     drop(tx);
     cp.stop().await;
 }
+
+/// Answers every connection with its own name, then closes.
+async fn name_server(addr: SocketAddr, name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let local = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(name.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    local
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_are_routed_to_the_agent_serving_the_destination() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, tokens) = berth_controlplane::serve::ServeArgs::local(TOKEN);
+    let uds = dir.path().join("connect.sock");
+    args.connect_uds = Some(uds.clone());
+    let (cp, _prov) = berth_controlplane::serve::start(&args, tokens)
+        .await
+        .unwrap();
+    // Node A: node IP 127.0.0.2; node B: node IP 127.0.0.3 and pod CIDR 127.9.0.0/16 (loopback
+    // addresses stand in for the node network).
+    let a_addr = name_server("127.0.0.2:0".parse().unwrap(), "node-a").await;
+    let port = a_addr.port();
+    let b_addr = name_server(
+        SocketAddr::new("127.0.0.3".parse().unwrap(), port),
+        "node-b",
+    )
+    .await;
+    let pod = name_server(
+        SocketAddr::new("127.9.0.5".parse().unwrap(), port),
+        "pod-on-b",
+    )
+    .await;
+    let token = token_file(dir.path(), TOKEN);
+    let handle = tokio::runtime::Handle::current();
+    let start = |name: &str, ip: &str, cidr: &str, allow: Vec<String>| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut a = agent_args(vec![cp.agent_addr.to_string()], &token, &d, allow);
+        a.tunnel_default_route = false;
+        a.node_ip = Some(ip.parse().unwrap());
+        AgentGuard::start_with_cidr(&handle, a, name, cidr)
+    };
+    let agent_a = start(
+        "node-a",
+        "127.0.0.2",
+        "10.2.1.0/24",
+        vec![format!("127.0.0.2:{port}")],
+    );
+    let agent_b = start(
+        "node-b",
+        "127.0.0.3",
+        "127.9.0.0/16",
+        vec![format!("127.0.0.3:{port}"), format!("127.9.0.0/16:{port}")],
+    );
+    wait_until_async("both agents connected", LIMIT, || async {
+        cp.tunnel.agents().len() == 2
+    })
+    .await;
+    async fn fetch(uds: &std::path::Path, target: String) -> Result<String, String> {
+        let mut s = connect_via_http(uds, &target).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+    // By node IP, by host name, by pod CIDR.
+    assert_eq!(
+        fetch(&uds, format!("127.0.0.2:{port}")).await.unwrap(),
+        "node-a"
+    );
+    assert_eq!(
+        fetch(&uds, format!("127.0.0.3:{port}")).await.unwrap(),
+        "node-b"
+    );
+    assert_eq!(
+        fetch(&uds, format!("node-b:{port}")).await.unwrap(),
+        "node-b"
+    );
+    assert_eq!(
+        fetch(&uds, format!("node-a:{port}")).await.unwrap(),
+        "node-a"
+    );
+    assert_eq!(
+        fetch(&uds, format!("127.9.0.5:{port}")).await.unwrap(),
+        "pod-on-b"
+    );
+    // Nobody serves 127.0.0.9: a clear error, no dial anywhere.
+    let err = fetch(&uds, format!("127.0.0.9:{port}")).await.unwrap_err();
+    assert!(
+        err.contains("503") && err.contains("no agent available for destination 127.0.0.9"),
+        "{err}"
+    );
+    assert_eq!(agent_a.handle.stats.dials_ok.load(Ordering::Relaxed), 2);
+    assert_eq!(agent_b.handle.stats.dials_ok.load(Ordering::Relaxed), 3);
+    let _ = (b_addr, pod);
+    agent_a.stop().await;
+    agent_b.stop().await;
+    cp.stop().await;
+}
