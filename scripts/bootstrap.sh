@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iproute2 containernetworking-plugins containerd runc iperf3 e2fsprogs xfsprogs
   bpftool busybox-static hyperfine jq util-linux protobuf-compiler procps
   python3-venv iputils-ping tar gzip libprotobuf-dev
+  iptables openssl curl
 )
 
 need_apt=()
