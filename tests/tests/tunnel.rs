@@ -1451,3 +1451,49 @@ async fn dials_are_routed_to_the_agent_serving_the_destination() {
     agent_b.stop().await;
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_the_frontend_gives_up_on_is_cancelled_with_dial_cls() {
+    require_root();
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The server waits 1 s for DIAL_RSP; the agent's own dial timeout is far longer.
+    let (_cp, addrs) = spawn_controlplane(
+        &topo.cp,
+        CP_IP,
+        "cp-1",
+        1,
+        dir.path(),
+        &["--dial-timeout-ms", "1000"],
+    );
+    let cp_rt = NsRuntime::new(Some(&topo.cp.path()));
+    let node_rt = NsRuntime::new(Some(&topo.node.path()));
+    // SYNs to :10260 on the node vanish, so the agent's connect hangs.
+    topo.node.exec_ok(&[
+        "iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "10260", "-j", "DROP",
+    ]);
+    let token = token_file(dir.path(), TOKEN);
+    let mut args = agent_args(
+        vec![addrs.agent.to_string()],
+        &token,
+        dir.path(),
+        vec![format!("{NODE_IP}:10260")],
+    );
+    args.tunnel_dial_timeout_ms = 120_000;
+    let agent = AgentGuard::start(&node_rt.handle, args, "node-c");
+    wait_agents(&cp_rt, addrs.status, 1).await;
+    let err = within(
+        "dial",
+        connect_via_http(&addrs.connect_uds, &format!("{NODE_IP}:10260")),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("502") && err.contains("timed out"), "{err}");
+    wait_until_async("the agent dropped the pending dial", LIMIT, || async {
+        agent.handle.stats.dials_cancelled.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(agent.handle.stats.dials_ok.load(Ordering::Relaxed), 0);
+    assert_eq!(agent.handle.stats.dials_failed.load(Ordering::Relaxed), 0);
+    agent.stop().await;
+}

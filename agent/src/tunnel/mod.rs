@@ -170,6 +170,8 @@ pub struct Stats {
     pub dials_failed: AtomicU64,
     pub open_streams: AtomicU64,
     pub streams_closed_bad_input: AtomicU64,
+    /// Pending dials cancelled by the server (DIAL_CLS).
+    pub dials_cancelled: AtomicU64,
     /// Failed attempts to connect to a server (refused, TLS or token rejected, unreachable).
     pub connect_failures: AtomicU64,
 }

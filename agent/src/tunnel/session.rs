@@ -241,6 +241,10 @@ impl Session {
             (Some(PacketType::DialCls), Some(Payload::CloseDial(c))) => {
                 if let Some(h) = self.pending.lock().unwrap().remove(&c.random) {
                     h.abort();
+                    self.ctx
+                        .stats
+                        .dials_cancelled
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
             (Some(PacketType::BerthWindow), Some(Payload::WindowUpdate(w)))
