@@ -180,7 +180,12 @@ mod tests {
     #[test]
     fn packaged_config_is_valid_and_matches_defaults() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/etc/agent.toml");
-        let s = AgentArgs { config: path.into(), ..Default::default() }.resolve().unwrap();
+        let s = AgentArgs {
+            config: path.into(),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(s.pod_cidr.to_string(), DEFAULT_POD_CIDR);
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(s.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));

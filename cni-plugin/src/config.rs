@@ -383,8 +383,12 @@ mod tests {
     /// cniVersion and name to each plugin's config).
     #[test]
     fn packaged_conflist_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/cni/05-berth.conflist");
-        let list: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/cni/05-berth.conflist"
+        );
+        let list: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         let mut plugin = list["plugins"][0].clone();
         assert_eq!(plugin["type"], "berth");
         plugin["cniVersion"] = list["cniVersion"].clone();

@@ -153,7 +153,11 @@ fn cni_verbs_and_error_codes() {
 
     // The local API socket is private to root.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(node.socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(node.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "agent socket mode {mode:o}");
 
     // VERSION needs nothing else.
