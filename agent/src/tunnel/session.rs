@@ -31,6 +31,9 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Receive buffer per stream when the server does not speak the credit extension.
 pub const UNCREDITED_BUFFER_LIMIT: usize = 4 << 20;
 const FLOW_CONTROL_KEY: &str = "berth-flow-control";
+/// Packets queued towards the server, shared by all streams of a connection (with chunks of at
+/// most 256 KiB this bounds the queue to 16 MiB; a full queue holds the readers back).
+const OUTBOUND_PACKETS: usize = 64;
 const MAX_GRPC_MESSAGE: usize = 16 << 20;
 
 /// A freshly connected stream to a server, before it is accepted as a session.
@@ -67,7 +70,7 @@ pub(super) async fn connect(ctx: &Ctx, addr: &str, serial: u64) -> Result<Connec
         .connect()
         .await
         .map_err(|e| Error::Tunnel(format!("connect {addr}: {e}")))?;
-    let (tx, rx) = mpsc::channel::<Packet>(1024);
+    let (tx, rx) = mpsc::channel::<Packet>(OUTBOUND_PACKETS);
     let mut req = Request::new(ReceiverStream::new(rx));
     let md = req.metadata_mut();
     md.insert(

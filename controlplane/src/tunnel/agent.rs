@@ -9,6 +9,10 @@ use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use super::{FLOW_CONTROL_KEY, Identifiers, TunnelServer};
 
+/// Packets queued towards one agent, shared by all its streams (bounded in bytes by the chunk
+/// size; a full queue holds the frontends' readers back).
+const OUTBOUND_PACKETS: usize = 64;
+
 /// Stream of packets towards an agent or a frontend.
 pub type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send + 'static>>;
 
@@ -80,7 +84,7 @@ impl AgentService for AgentSvc {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v == "1"))
         .then_some(self.server.config.window);
-        let (tx, rx) = mpsc::channel::<Packet>(1024);
+        let (tx, rx) = mpsc::channel::<Packet>(OUTBOUND_PACKETS);
         let conn = self
             .server
             .add_agent(agent_id.clone(), identifiers.clone(), tx, window);
