@@ -119,6 +119,8 @@ struct UpgradeOp {
     /// Node being upgraded in place.
     current: Option<String>,
     done: bool,
+    /// Why the rollout stopped early (a node failed its upgrade).
+    failed: Option<String>,
 }
 
 /// One line of the controller's history.
@@ -177,6 +179,8 @@ pub struct UpgradeStatus {
     pub version: String,
     pub strategy: Strategy,
     pub done: bool,
+    /// Set when a node failed its upgrade: the rollout stopped there (the node stays cordoned).
+    pub failed: Option<String>,
     pub current: Option<String>,
     pub creating: Vec<String>,
 }
@@ -436,13 +440,36 @@ impl Registry {
             .map(|c| (c.r#type.clone(), c.status, c.message.clone()))
             .collect();
         let old_version = std::mem::replace(&mut r.version, hb.version.clone());
+        let mut upgrade_failed = None;
         for CommandAck { command_id, error } in &hb.acks {
-            if let Some(c) = r.commands.iter_mut().find(|c| c.id == *command_id) {
+            if let Some(c) = r
+                .commands
+                .iter_mut()
+                .find(|c| c.id == *command_id && !c.acked)
+            {
                 c.acked = true;
                 c.error = (!error.is_empty()).then(|| error.clone());
+                if c.kind == "upgrade" && !error.is_empty() {
+                    upgrade_failed = Some(error.clone());
+                }
             }
         }
+        if upgrade_failed.is_some() {
+            // The node keeps its version and stays cordoned; it returns to service as it is.
+            r.upgrading_to = None;
+        }
         let name = r.reg.node_name.clone();
+        if let Some(err) = upgrade_failed {
+            inner.event(&name, format!("upgrade failed: {err}"));
+            if let Some(up) = inner.upgrade.as_mut()
+                && !up.done
+            {
+                up.done = true;
+                up.current = None;
+                up.failed = Some(format!("{name}: {err}"));
+            }
+        }
+        let r = inner.nodes.get_mut(&id).expect("present");
         let state = r.state;
         let health = machine::health(&r.conditions);
         // An in-place upgrade holds the node in Installing until it reports the new version.
@@ -569,6 +596,7 @@ impl Registry {
             creating: Vec::new(),
             current: None,
             done: false,
+            failed: None,
         });
         Ok(())
     }
@@ -926,6 +954,7 @@ impl Registry {
                 version: u.req.version.clone(),
                 strategy: u.req.strategy.clone(),
                 done: u.done,
+                failed: u.failed.clone(),
                 current: u.current.clone(),
                 creating: u.creating.clone(),
             }),
@@ -950,3 +979,143 @@ impl Registry {
 
 /// Default heartbeat interval a node uses when the server gives none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use berth_proto::node::Condition;
+
+    use super::*;
+
+    fn registration(name: &str, version: &str) -> RegisterRequest {
+        RegisterRequest {
+            node: Some(NodeRegistration {
+                node_name: name.into(),
+                instance_id: format!("i-{name}"),
+                node_pool: "p".into(),
+                version: version.into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn beat(name: &str, version: &str, acks: Vec<CommandAck>) -> HeartbeatRequest {
+        let c = |t: &str, status: bool| Condition {
+            r#type: t.into(),
+            status,
+            message: String::new(),
+        };
+        HeartbeatRequest {
+            instance_id: format!("i-{name}"),
+            conditions: vec![
+                c(machine::KUBELET_HEALTHY, true),
+                c(machine::RUNTIME_HEALTHY, true),
+                c(machine::DATAPATH_LOADED, true),
+                c(machine::DISK_PRESSURE, false),
+            ],
+            version: version.into(),
+            acks,
+            shutting_down: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_upgrade_stops_the_rollout() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let r = Registry::new(
+            LifecycleConfig {
+                plan: Plan::Free,
+                timers: Timers::default(),
+                server_id: "s".into(),
+            },
+            tx,
+        );
+        for n in ["n1", "n2"] {
+            assert_eq!(
+                r.register(registration(n, "v1")).unwrap().state,
+                "Installing"
+            );
+            assert_eq!(r.heartbeat(beat(n, "v1", vec![])).state, "Ready");
+        }
+        r.upgrade(UpgradeRequest {
+            pool: "p".into(),
+            version: "v2".into(),
+            strategy: Strategy::InPlace,
+        })
+        .unwrap();
+        assert!(
+            r.upgrade(UpgradeRequest {
+                pool: "p".into(),
+                version: "v3".into(),
+                strategy: Strategy::InPlace,
+            })
+            .is_err(),
+            "one upgrade at a time"
+        );
+        r.tick(); // n1: cordon + drain
+        r.tick(); // drained (no pods): UPGRADE
+        let cmds = r.heartbeat(beat("n1", "v1", vec![])).commands;
+        let kinds: Vec<i32> = cmds.iter().map(|c| c.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                CommandKind::Cordon as i32,
+                CommandKind::Drain as i32,
+                CommandKind::Upgrade as i32
+            ]
+        );
+        let acks = cmds
+            .iter()
+            .map(|c| CommandAck {
+                command_id: c.id,
+                error: if c.kind == CommandKind::Upgrade as i32 {
+                    "upgrade hook failed: exit status 1".into()
+                } else {
+                    String::new()
+                },
+            })
+            .collect();
+        let rsp = r.heartbeat(beat("n1", "v1", acks));
+        assert!(rsp.commands.is_empty());
+        r.tick();
+        r.tick();
+        let s = r.status();
+        let up = s.upgrade.unwrap();
+        assert!(up.done);
+        assert!(up.failed.unwrap().contains("n1: upgrade hook failed"));
+        let n1 = s.nodes.iter().find(|n| n.node_name == "n1").unwrap();
+        assert_eq!(
+            (n1.state, n1.version.as_str(), n1.cordoned),
+            (NodeState::Ready, "v1", true)
+        );
+        let n2 = s.nodes.iter().find(|n| n.node_name == "n2").unwrap();
+        assert_eq!(
+            (n2.state, n2.version.as_str(), n2.cordoned),
+            (NodeState::Ready, "v1", false)
+        );
+        assert_eq!(s.max_concurrent_in_place, 1);
+    }
+
+    #[test]
+    fn unknown_and_terminated_nodes() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let r = Registry::new(
+            LifecycleConfig {
+                plan: Plan::Standard,
+                timers: Timers::default(),
+                server_id: "s".into(),
+            },
+            tx,
+        );
+        assert!(!r.heartbeat(beat("ghost", "v1", vec![])).known);
+        assert!(r.register(RegisterRequest { node: None }).is_err());
+        r.register(registration("n1", "v1")).unwrap();
+        r.heartbeat(beat("n1", "v1", vec![]));
+        r.drain("n1", true).unwrap();
+        r.tick();
+        assert_eq!(r.status().nodes[0].state, NodeState::Terminated);
+        assert!(matches!(rx.try_recv(), Ok(ProvisionRequest::Delete { .. })));
+        // A terminated instance cannot come back.
+        assert!(r.register(registration("n1", "v1")).is_err());
+        assert!(r.drain("nope", false).is_err());
+    }
+}
