@@ -1444,8 +1444,18 @@ async fn dials_are_routed_to_the_agent_serving_the_destination() {
         err.contains("503") && err.contains("no agent available for destination 127.0.0.9"),
         "{err}"
     );
+    // These servers speak first: DATA follows DIAL_RSP at once and must never be lost.
+    within("100 server-first dials", async {
+        for _ in 0..100 {
+            assert_eq!(
+                fetch(&uds, format!("127.0.0.3:{port}")).await.unwrap(),
+                "node-b"
+            );
+        }
+    })
+    .await;
     assert_eq!(agent_a.handle.stats.dials_ok.load(Ordering::Relaxed), 2);
-    assert_eq!(agent_b.handle.stats.dials_ok.load(Ordering::Relaxed), 3);
+    assert_eq!(agent_b.handle.stats.dials_ok.load(Ordering::Relaxed), 103);
     let _ = (b_addr, pod);
     agent_a.stop().await;
     agent_b.stop().await;

@@ -323,7 +323,7 @@ impl Session {
                 }
             };
             let _ = sock.set_nodelay(true);
-            me.start_stream(random, sock);
+            me.start_stream(random, sock).await;
         });
         self.pending
             .lock()
@@ -331,17 +331,23 @@ impl Session {
             .insert(random, task.abort_handle());
     }
 
-    fn start_stream(self: &Arc<Self>, random: i64, sock: TcpStream) {
+    async fn start_stream(self: &Arc<Self>, random: i64, sock: TcpStream) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (rd, wr) = sock.into_split();
         let (to_sock, from_server) = mpsc::unbounded_channel::<bytes::Bytes>();
         let queued = Arc::new(AtomicUsize::new(0));
         let credit = self.window.map(|w| Arc::new(Semaphore::new(w as usize)));
-        // Register before answering so DATA right after DIAL_RSP finds the stream.
+        // The reader starts only after DIAL_RSP is queued (DATA must not overtake it) and the
+        // stream is registered (so its EOF finds it).
+        let (go, started) = tokio::sync::oneshot::channel::<()>();
         let reader = {
             let me = self.clone();
             let credit = credit.clone();
-            tokio::spawn(async move { me.reader(id, rd, credit).await })
+            tokio::spawn(async move {
+                if started.await.is_ok() {
+                    me.reader(id, rd, credit).await;
+                }
+            })
         };
         self.streams.lock().unwrap().insert(
             id,
@@ -354,14 +360,19 @@ impl Session {
         );
         self.ctx.stats.open_streams.fetch_add(1, Ordering::Relaxed);
         self.ctx.stats.dials_ok.fetch_add(1, Ordering::Relaxed);
-        self.send_nowait(packet(
+        let rsp = packet(
             PacketType::DialRsp,
             Payload::DialResponse(DialResponse {
                 error: String::new(),
                 connect_id: id,
                 random,
             }),
-        ));
+        );
+        if self.tx.send(rsp).await.is_err() {
+            self.remove_stream(id);
+            return;
+        }
+        let _ = go.send(());
         let me = self.clone();
         tokio::spawn(async move { me.writer(id, wr, from_server, queued).await });
     }

@@ -94,7 +94,15 @@ struct StreamEnd {
     credit: Option<Arc<Semaphore>>,
 }
 
-type DialResult = std::result::Result<i64, String>;
+/// The frontend's half of a stream the demultiplexer registered when DIAL_RSP arrived.
+struct StreamParts {
+    connect_id: i64,
+    rx: mpsc::UnboundedReceiver<FrontMsg>,
+    queued: Arc<AtomicUsize>,
+    credit: Option<Arc<Semaphore>>,
+}
+
+type DialResult = std::result::Result<StreamParts, String>;
 
 /// One connected agent (one gRPC `Connect` stream).
 pub struct AgentConn {
@@ -142,16 +150,35 @@ impl AgentConn {
             (Some(PacketType::DialRsp), Some(Payload::DialResponse(rsp))) => {
                 let waiter = self.pending.lock().unwrap().remove(&rsp.random);
                 match waiter {
-                    Some(w) => {
-                        let result = if rsp.error.is_empty() {
-                            Ok(rsp.connect_id)
-                        } else {
-                            Err(rsp.error)
+                    Some(w) if rsp.error.is_empty() => {
+                        // Register the stream now, before the next packet (the agent may send
+                        // DATA right behind DIAL_RSP), then hand it to the waiting frontend.
+                        let id = rsp.connect_id;
+                        let (to_front, rx) = mpsc::unbounded_channel();
+                        let queued = Arc::new(AtomicUsize::new(0));
+                        let credit = self.window.map(|w| Arc::new(Semaphore::new(w as usize)));
+                        self.streams.lock().unwrap().insert(
+                            id,
+                            StreamEnd {
+                                to_front,
+                                queued: queued.clone(),
+                                credit: credit.clone(),
+                            },
+                        );
+                        let parts = StreamParts {
+                            connect_id: id,
+                            rx,
+                            queued,
+                            credit,
                         };
-                        if let Err(Ok(id)) = w.send(result) {
+                        if w.send(Ok(parts)).is_err() {
                             // The frontend gave up meanwhile: close the fresh connection.
+                            self.streams.lock().unwrap().remove(&id);
                             self.send_nowait(close_req(id));
                         }
+                    }
+                    Some(w) => {
+                        let _ = w.send(Err(rsp.error));
                     }
                     None if rsp.error.is_empty() => {
                         tracing::debug!(agent = %self.agent_id, connect_id = rsp.connect_id, "late DIAL_RSP, closing");
@@ -527,8 +554,8 @@ impl TunnelServer {
             return Err(Error::Tunnel("agent connection closed".into()));
         }
         let result = tokio::time::timeout(self.config.dial_timeout, rx).await;
-        let connect_id = match result {
-            Ok(Ok(Ok(id))) => id,
+        let parts = match result {
+            Ok(Ok(Ok(parts))) => parts,
             Ok(Ok(Err(e))) => return Err(Error::Dial(e)),
             Ok(Err(_)) => return Err(Error::Tunnel("agent connection closed".into())),
             Err(_) => {
@@ -543,25 +570,15 @@ impl TunnelServer {
                 return Err(Error::Dial(format!("dial {address} timed out")));
             }
         };
-        let (front_tx, front_rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let credit = conn.window.map(|w| Arc::new(Semaphore::new(w as usize)));
-        conn.streams.lock().unwrap().insert(
-            connect_id,
-            StreamEnd {
-                to_front: front_tx,
-                queued: queued.clone(),
-                credit: credit.clone(),
-            },
-        );
+        let connect_id = parts.connect_id;
         tracing::debug!(agent = %conn.agent_id, connect_id, address, "dial established");
         Ok(TunnelStream {
             connect_id,
             agent_id: conn.agent_id.clone(),
             conn,
-            rx: front_rx,
-            queued,
-            credit,
+            rx: parts.rx,
+            queued: parts.queued,
+            credit: parts.credit,
             closed: false,
         })
     }
