@@ -454,10 +454,12 @@ fn gc(conf: &NetConf) -> Result<()> {
     match host_netlink().and_then(|mut nl| {
         let links = nl.links().map_err(|e| Error::io("list links", e))?;
         for l in links {
-            if l.name.starts_with(HOST_IF_PREFIX) && l.name.len() == 15 && !keep.contains(&l.name) {
-                if let Err(e) = nl.delete_link(l.index) {
-                    eprintln!("berth: GC: delete {}: {e}", l.name);
-                }
+            if l.name.starts_with(HOST_IF_PREFIX)
+                && l.name.len() == 15
+                && !keep.contains(&l.name)
+                && let Err(e) = nl.delete_link(l.index)
+            {
+                eprintln!("berth: GC: delete {}: {e}", l.name);
             }
         }
         Ok(())
