@@ -30,7 +30,9 @@ say "node: network namespace $NODE with node IP 10.99.0.1, berth-agent inside"
 ip netns add "$NODE"
 in_node ip link set lo up
 in_node ip addr add 10.99.0.1/32 dev lo
-in_node "$BIN/berth-agent" --config /dev/null --socket "$WORK/agent.sock" \
+# (nsenter itself, not the in_node function: a backgrounded function would be a subshell and $!
+# would not be the agent.)
+nsenter --net="/run/netns/$NODE" "$BIN/berth-agent" --config /dev/null --socket "$WORK/agent.sock" \
   --state-dir "$WORK/state" --cni-state-dir "$WORK/cni" --pin-root "$PIN" \
   --pod-cidr 10.2.0.0/24 --node-name demo-node >"$WORK/agent.log" 2>&1 &
 AGENT_PID=$!

@@ -88,11 +88,59 @@ impl Containerd {
     }
 }
 
+/// PIDs whose command line mentions `needle`, and their children.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut shims = Vec::new();
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            shims.push(pid);
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        if let Some(ppid) = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+        {
+            parents.push((pid, ppid.parse::<i32>().unwrap_or(0)));
+        }
+    }
+    let children = parents
+        .iter()
+        .filter(|(_, pp)| shims.contains(pp))
+        .map(|(p, _)| *p);
+    children.chain(shims.iter().copied()).collect()
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Shims outlive containerd by design: kill them (and the containers under them) too.
+        let sock = self.socket().display().to_string();
+        for pid in processes_mentioning(&sock) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Mounts of the native snapshotter are plain directories; nothing stays mounted.
+        // Container root filesystems are bind-mounted under the state directory.
+        let root = self.dir.path().display().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
