@@ -122,15 +122,10 @@ impl AgentCore {
         let reattach = inner.dp.needs_reattach();
         let mut programmed = 0;
         for ep in inner.state.endpoints.values() {
-            if ep.state != EndpointState::Ready {
-                continue;
-            }
-            let present = nix::net::if_::if_nametoindex(ep.host_ifname.as_str()).ok()
-                == Some(ep.host_ifindex);
-            if !present {
-                tracing::warn!(endpoint = ep.id, ifname = %ep.host_ifname, "interface is gone; datapath entry removed, address kept until DEL or GC");
-                inner.dp.remove_endpoint(ep.address, ep.id)?;
-                continue;
+            if ep.state != EndpointState::Ready
+                || !inner.dp.link_present(&ep.host_ifname, ep.host_ifindex)
+            {
+                continue; // released by the sweep below
             }
             if reattach {
                 inner.dp.attach(&ep.host_ifname)?;
@@ -144,7 +139,34 @@ impl AgentCore {
             reattached = reattach,
             "registry reconciled with datapath"
         );
+        drop(g);
+        self.sweep_vanished()?;
         Ok(())
+    }
+
+    /// Releases ready endpoints whose host-side interface is gone: the runtime destroyed the pod's
+    /// network namespace without a DEL (or before it; CNI < 1.1 runtimes never send GC). Returns
+    /// how many were released.
+    pub fn sweep_vanished(&self) -> Result<u64> {
+        let mut g = self.inner.lock().unwrap();
+        let gone: Vec<(String, String)> = g
+            .state
+            .endpoints
+            .values()
+            .filter(|e| {
+                e.state == EndpointState::Ready
+                    && !g.dp.link_present(&e.host_ifname, e.host_ifindex)
+            })
+            .map(|e| (e.container_id.clone(), e.ifname.clone()))
+            .collect();
+        let mut released = 0;
+        for (cid, ifname) in gone {
+            if Self::release_locked(&mut g, &cid, &ifname)?.is_some() {
+                tracing::info!(container = %cid, ifname = %ifname, "pod interface vanished without DEL; endpoint released");
+                released += 1;
+            }
+        }
+        Ok(released)
     }
 
     fn save(inner: &Inner) -> Result<()> {
@@ -481,6 +503,7 @@ mod tests {
     struct FakeState {
         entries: BTreeMap<Ipv4Addr, EndpointInfo>,
         attached: Vec<String>,
+        vanished: Vec<String>,
     }
     struct Fake(Arc<Mutex<FakeState>>);
     impl Datapath for Fake {
@@ -507,6 +530,9 @@ mod tests {
         }
         fn needs_reattach(&self) -> bool {
             false
+        }
+        fn link_present(&self, ifname: &str, _: u32) -> bool {
+            !self.0.lock().unwrap().vanished.iter().any(|v| v == ifname)
         }
     }
 
@@ -669,5 +695,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn endpoints_whose_interface_vanished_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        for (cid, ifname) in [("v1", "bthv1"), ("v2", "bthv2")] {
+            alloc(&c, cid).unwrap();
+            c.create_endpoint(CreateEndpointRequest {
+                attachment: att(cid),
+                host_ifindex: 9,
+                host_ifname: ifname.into(),
+                pod_mac: vec![2; 6],
+                host_mac: vec![3; 6],
+                netns: String::new(),
+            })
+            .unwrap();
+        }
+        assert_eq!(c.sweep_vanished().unwrap(), 0);
+        fake.lock().unwrap().vanished.push("bthv1".into());
+        assert_eq!(c.sweep_vanished().unwrap(), 1);
+        assert_eq!(c.status().ipam.unwrap().allocated, 1);
+        assert_eq!(fake.lock().unwrap().entries.len(), 1);
+        // The same happens at start-up.
+        fake.lock().unwrap().vanished.push("bthv2".into());
+        let c = core(dir.path(), fake.clone());
+        assert_eq!(c.status().ipam.unwrap().allocated, 0);
     }
 }

@@ -67,6 +67,12 @@ pub trait Datapath: Send {
     /// True when programs were freshly loaded (not adopted), so existing endpoints need their
     /// filters re-pointed at the new programs.
     fn needs_reattach(&self) -> bool;
+    /// True while the host-side interface `ifname` with index `ifindex` exists. A pod's veth pair
+    /// disappears when its network namespace is destroyed, so a missing interface means the pod
+    /// is gone.
+    fn link_present(&self, ifname: &str, ifindex: u32) -> bool {
+        nix::net::if_::if_nametoindex(ifname).ok() == Some(ifindex)
+    }
 }
 
 /// A 64-bit FNV-1a digest (identifies the kernel object whose programs are pinned).

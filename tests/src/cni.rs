@@ -108,6 +108,7 @@ impl Node {
             .arg(self.cni_state_dir())
             .arg("--pin-root")
             .arg(&self.pin_root)
+            .args(["--housekeeping-interval", "1"])
             .args([
                 "--pod-cidr",
                 &self.pod_cidr,

@@ -577,3 +577,26 @@ fn thirty_two_parallel_adds_get_distinct_reachable_addresses() {
     }
     assert_eq!(node.endpoint_map_entries(), 32);
 }
+
+#[test]
+fn pod_destroyed_without_del_is_released_by_the_agent() {
+    let node = Node::new();
+    let keep = Pod::new();
+    let gone = Pod::new();
+    node.add(&keep);
+    node.add(&gone);
+    // The runtime destroys the sandbox without a DEL (and, before CNI 1.1, never sends GC).
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.berthctl(&["status"])["ipam"]["allocated"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "vanished pod's address never released:\n{}",
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(node.endpoint_map_entries(), 1);
+    let eps = node.berthctl(&["endpoints"]);
+    assert_eq!(eps[0]["containerID"], keep.cid.as_str());
+}

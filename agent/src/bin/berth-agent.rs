@@ -25,6 +25,10 @@ struct Cli {
     /// --tunnel-server).
     #[command(flatten)]
     tunnel: berth_agent::tunnel::TunnelArgs,
+    /// Seconds between housekeeping passes: apply the CNI delete queue, release endpoints whose
+    /// pod interface vanished without a DEL.
+    #[arg(long, env = "BERTH_HOUSEKEEPING_INTERVAL", default_value_t = 10)]
+    housekeeping_interval: u64,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "BERTH_LOG", default_value = "info")]
     log: String,
@@ -86,18 +90,24 @@ fn main() -> anyhow::Result<()> {
         let listener = server::bind(&settings.socket).await?;
         tracing::info!(socket = %settings.socket.display(), "serving local API");
         // DELs that raced with start-up land in the queue after the first drain.
+        let housekeeping = Duration::from_secs(cli.housekeeping_interval.max(1));
         let drain_core = core.clone();
         let queue_dir = settings.cni_state_dir.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(housekeeping).await;
                 let c = drain_core.clone();
                 let d = queue_dir.clone();
-                match tokio::task::spawn_blocking(move || c.drain_delete_queue(&d)).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => tracing::info!(drained = n, "delete queue drained"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "delete queue drain failed"),
-                    Err(e) => tracing::warn!(error = %e, "delete queue task failed"),
+                // Queued DELs, then endpoints whose pod vanished without one.
+                let work = move || {
+                    c.drain_delete_queue(&d)
+                        .and_then(|n| Ok((n, c.sweep_vanished()?)))
+                };
+                match tokio::task::spawn_blocking(work).await {
+                    Ok(Ok((0, 0))) => {}
+                    Ok(Ok((drained, swept))) => tracing::info!(drained, swept, "housekeeping"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "housekeeping failed"),
+                    Err(e) => tracing::warn!(error = %e, "housekeeping task failed"),
                 }
             }
         });
