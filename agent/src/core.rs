@@ -35,9 +35,17 @@ pub type LinkDeleter = Box<dyn Fn(String, u32) + Send + Sync>;
 
 struct Inner {
     state: State,
-    store: Store,
+    /// Bumped by every change that must be durable.
+    version: u64,
     dp: Box<dyn Datapath>,
     queue_drained: u64,
+}
+
+/// The state file and the last version written to it (group commit: one write covers every
+/// change made while the previous write was in progress).
+struct Persist {
+    store: Store,
+    persisted: u64,
 }
 
 /// The agent's state and logic.
@@ -45,6 +53,7 @@ pub struct AgentCore {
     cfg: CoreConfig,
     link_deleter: Option<LinkDeleter>,
     inner: Mutex<Inner>,
+    persist: Mutex<Persist>,
     started: Instant,
 }
 
@@ -97,9 +106,13 @@ impl AgentCore {
             link_deleter: None,
             inner: Mutex::new(Inner {
                 state,
-                store,
+                version: 0,
                 dp,
                 queue_drained: 0,
+            }),
+            persist: Mutex::new(Persist {
+                store,
+                persisted: 0,
             }),
             started: Instant::now(),
         };
@@ -166,11 +179,26 @@ impl AgentCore {
                 released += 1;
             }
         }
+        drop(g);
+        self.commit()?;
         Ok(released)
     }
 
-    fn save(inner: &Inner) -> Result<()> {
-        inner.store.save(&inner.state)
+    /// Makes every change made so far durable. Must be called without holding `inner`. When
+    /// several requests commit at once, the first writes the latest state and the others find
+    /// their change already on disk.
+    fn commit(&self) -> Result<()> {
+        let mut p = self.persist.lock().unwrap();
+        let (version, state) = {
+            let g = self.inner.lock().unwrap();
+            if g.version <= p.persisted {
+                return Ok(());
+            }
+            (g.version, g.state.clone())
+        };
+        p.store.save(&state)?;
+        p.persisted = version;
+        Ok(())
     }
 
     /// Allocates (or returns the existing) address for an attachment.
@@ -254,7 +282,9 @@ impl AgentCore {
         let id = ep.id;
         tracing::info!(container = %cid, ifname = %ifname, endpoint = id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
         inner.state.endpoints.insert(k, ep);
-        Self::save(inner)?;
+        inner.version += 1;
+        drop(g);
+        self.commit()?;
         Ok(CreateEndpointResponse { endpoint_id: id })
     }
 
@@ -269,7 +299,7 @@ impl AgentCore {
         };
         inner.dp.remove_endpoint(ep.address, ep.id)?;
         inner.state.endpoints.remove(&k);
-        Self::save(inner)?;
+        inner.version += 1;
         tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, address = %ep.address, "endpoint released");
         Ok(Some(ep))
     }
@@ -280,6 +310,7 @@ impl AgentCore {
         let mut g = self.inner.lock().unwrap();
         let ep = Self::release_locked(&mut g, &cid, &ifname)?;
         drop(g);
+        self.commit()?;
         let link_deletion_queued = match (&ep, &self.link_deleter) {
             (Some(ep), Some(delete))
                 if ep.state == EndpointState::Ready && ep.host_ifindex != 0 =>
@@ -338,6 +369,8 @@ impl AgentCore {
                 }
             }
         }
+        drop(g);
+        self.commit()?;
         tracing::info!(released = released.len(), kept = valid.len(), "GC done");
         match first_err {
             Some(e) if released.is_empty() => Err(e),
@@ -373,6 +406,9 @@ impl AgentCore {
                 Some((cid, ifname)) => {
                     let mut g = self.inner.lock().unwrap();
                     let released = Self::release_locked(&mut g, &cid, &ifname)?.is_some();
+                    drop(g);
+                    // Durable before the queue entry goes.
+                    self.commit()?;
                     tracing::info!(container = %cid, ifname = %ifname, released, "delete queue entry applied");
                 }
                 None => {
@@ -561,17 +597,38 @@ mod tests {
     }
 
     #[test]
-    fn allocate_is_idempotent_and_persistent() {
+    fn ready_endpoints_persist_and_allocate_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let fake = Arc::new(Mutex::new(FakeState::default()));
-        let a = alloc(&core(dir.path(), fake.clone()), "c1").unwrap();
+        let first = core(dir.path(), fake.clone());
+        let a = alloc(&first, "c1").unwrap();
+        assert_eq!(
+            alloc(&first, "c1").unwrap(),
+            a,
+            "same attachment, same address"
+        );
+        first
+            .create_endpoint(CreateEndpointRequest {
+                attachment: att("c1"),
+                host_ifindex: 4,
+                host_ifname: "bthc1".into(),
+                pod_mac: vec![2; 6],
+                host_mac: vec![3; 6],
+                netns: String::new(),
+            })
+            .unwrap();
+        // An allocation that never became ready is not persisted (its ADD fails and rolls back).
+        alloc(&first, "c2").unwrap();
+        drop(first);
         let c = core(dir.path(), fake.clone());
         assert_eq!(
             alloc(&c, "c1").unwrap(),
             a,
-            "same attachment, same address after restart"
+            "ready endpoint survives a restart"
         );
-        assert_ne!(alloc(&c, "c2").unwrap(), a);
+        assert_eq!(c.status().ipam.unwrap().allocated, 1);
+        let other = alloc(&c, "c3").unwrap();
+        assert_ne!(other, a);
     }
 
     #[test]
