@@ -211,13 +211,11 @@ impl Datapath for EbpfDatapath {
     }
 
     fn remove_endpoint(&mut self, ip: Ipv4Addr, endpoint_id: u32) -> Result<()> {
-        let key = u32::from_ne_bytes(ip.octets());
-        // Endpoints that never became ready have no entry (aya reports ENOENT as a syscall error).
-        if self.endpoints.get(&key, 0).is_ok() {
-            match self.endpoints.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
+        // Endpoints that never became ready have no entry; aya reports ENOENT as a syscall error.
+        match self.endpoints.remove(&u32::from_ne_bytes(ip.octets())) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e.into()),
         }
         let kinds = [metric::TX, metric::RX]
             .into_iter()

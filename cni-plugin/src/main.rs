@@ -37,6 +37,7 @@ fn main() {
 
 fn run(command: &str) -> i32 {
     let mut version = CURRENT_VERSION.to_string();
+    let mut log_file = None;
     let result = (|| {
         let cmd = Command::parse(command)?;
         if cmd == Command::Version {
@@ -47,15 +48,17 @@ fn run(command: &str) -> i32 {
         std::io::stdin()
             .read_to_end(&mut input)
             .map_err(|e| berth_cni::Error::io("read stdin", e))?;
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&input)
-            && let Some(s) = v.get("cniVersion").and_then(|s| s.as_str())
-        {
-            version = s.to_string();
+        // What the error JSON and the log need, even when the config itself is invalid.
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&input) {
+            if let Some(s) = v.get("cniVersion").and_then(|s| s.as_str()) {
+                version = s.to_string();
+            }
+            log_file = v.get("logFile").and_then(|s| s.as_str()).map(String::from);
         }
         let started = std::time::Instant::now();
         let out = plugin::run(cmd, &env, &input);
         log(
-            &input,
+            log_file.as_deref(),
             &format!(
                 "{command} container={} ifname={} -> {} in {:?}",
                 env.container_id,
@@ -86,11 +89,8 @@ fn run(command: &str) -> i32 {
 }
 
 /// Appends a line to the configured `logFile`, if any (never stdout).
-fn log(input: &[u8], line: &str) {
-    let Some(path) = serde_json::from_slice::<serde_json::Value>(input)
-        .ok()
-        .and_then(|v| v.get("logFile").and_then(|s| s.as_str()).map(String::from))
-    else {
+fn log(path: Option<&str>, line: &str) {
+    let Some(path) = path else {
         return;
     };
     if let Ok(mut f) = std::fs::OpenOptions::new()

@@ -283,6 +283,47 @@ impl Node {
         }
     }
 
+    /// Packets counted by the datapath under `(endpoint_id, kind)` in the pinned metrics map,
+    /// summed over CPUs (read with bpftool, independently of the agent).
+    pub fn metric_packets(&self, endpoint_id: u32, kind: u32) -> u64 {
+        let pin = self
+            .pin_root
+            .join("maps")
+            .join(berth_ebpf_common::MAP_METRICS);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&pin)
+            .output()
+            .expect("run bpftool (installed by scripts/bootstrap.sh)");
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+        let bytes = |a: &Value| -> Vec<u8> {
+            a.as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect()
+        };
+        let mut want = endpoint_id.to_le_bytes().to_vec();
+        want.extend_from_slice(&kind.to_le_bytes());
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| bytes(&e["key"]) == want)
+            .flat_map(|e| e["values"].as_array().cloned().unwrap_or_default())
+            .map(|cpu| {
+                let b = bytes(&cpu["value"]);
+                u64::from_le_bytes(b[..8].try_into().unwrap())
+            })
+            .sum()
+    }
+
     /// Number of entries in the pinned endpoint map (read with bpftool).
     pub fn endpoint_map_entries(&self) -> usize {
         let pin = self

@@ -132,7 +132,13 @@ fn spoofed_source_is_dropped_and_counted() {
         &ip_b,
     ]);
     assert!(!out.status.success(), "spoofed packets were delivered");
-    // Unknown sources are counted under endpoint 0; b received nothing from the spoofed address.
+    // Unknown sources are counted under endpoint 0 with their reason.
+    let spoofed = node.metric_packets(
+        0,
+        berth_ebpf_common::metric::DROP_BASE + berth_ebpf_common::drop_reason::SPOOFED_SOURCE,
+    );
+    assert!(spoofed >= 2, "spoofed-source drops not counted ({spoofed})");
+    // b received nothing from the spoofed address.
     let eps = node.berthctl(&["endpoints"]);
     let b_ep = eps
         .as_array()

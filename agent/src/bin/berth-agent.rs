@@ -47,14 +47,10 @@ fn main() -> anyhow::Result<()> {
     if settings.ip_forward {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable IPv4 forwarding")?;
     }
-    let net = u32::from_ne_bytes(settings.pod_cidr.network().octets());
-    let mask = u32::from_ne_bytes(settings.pod_cidr.netmask().octets());
     let dp = EbpfDatapath::load(
         &settings.pin_root,
         &settings.state_dir,
         DatapathConfig {
-            pod_net: net,
-            pod_mask: mask,
             anti_spoof: 1,
             _pad: 0,
         },

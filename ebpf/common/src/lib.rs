@@ -105,15 +105,11 @@ const _: () = assert!(core::mem::size_of::<MetricValue>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
-    /// Node pod CIDR network address (network byte order as read from packets).
-    pub pod_net: u32,
-    /// Node pod CIDR mask (network byte order).
-    pub pod_mask: u32,
     /// Non-zero: drop packets whose source is not the sending endpoint's address.
     pub anti_spoof: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
