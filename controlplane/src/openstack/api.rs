@@ -686,6 +686,31 @@ async fn show_volume(
     ))
 }
 
+/// Completes a deletion the way Cinder does, after the simulated transition delay: removes the
+/// backing file on the blocking pool, then `finish(state, id, succeeded)` drops the record or marks
+/// it `error_deleting`. The caller has set the record to `deleting` and counted it in flight.
+fn finish_deletion_later(
+    sim: Arc<Sim>,
+    id: String,
+    what: &'static str,
+    remove_backing: impl FnOnce(&super::Backend, &str) -> crate::Result<()> + Send + 'static,
+    finish: impl FnOnce(&mut super::model::State, &str, bool) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(sim.cfg.transition_delay).await;
+        let backend = sim.backend.clone();
+        let id2 = id.clone();
+        let res = tokio::task::spawn_blocking(move || remove_backing(&backend, &id2)).await;
+        let mut st = sim.state.lock().expect("sim lock");
+        st.inflight -= 1;
+        let ok = matches!(res, Ok(Ok(())));
+        if !ok {
+            tracing::error!(%what, %id, ?res, "simulated deletion failed");
+        }
+        finish(&mut st, &id, ok);
+    });
+}
+
 async fn delete_volume(
     State(sim): S,
     Path((project, id)): Path<(String, String)>,
@@ -718,26 +743,19 @@ async fn delete_volume(
     v.status = "deleting".into();
     st.inflight += 1;
     drop(st);
-    let sim2 = sim.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(sim2.cfg.transition_delay).await;
-        let backend = sim2.backend.clone();
-        let id2 = id.clone();
-        let res = tokio::task::spawn_blocking(move || backend.delete_volume(&id2)).await;
-        let mut st = sim2.state.lock().expect("sim lock");
-        st.inflight -= 1;
-        match res {
-            Ok(Ok(())) => {
-                st.volumes.remove(&id);
+    finish_deletion_later(
+        sim,
+        id,
+        "volume",
+        |backend, id| backend.delete_volume(id),
+        |st, id, ok| {
+            if ok {
+                st.volumes.remove(id);
+            } else if let Some(v) = st.volumes.get_mut(id) {
+                v.status = "error_deleting".into();
             }
-            other => {
-                tracing::error!(volume = %id, ?other, "simulated volume deletion failed");
-                if let Some(v) = st.volumes.get_mut(&id) {
-                    v.status = "error_deleting".into();
-                }
-            }
-        }
-    });
+        },
+    );
     Ok(with_microversion(StatusCode::ACCEPTED.into_response(), mv))
 }
 
@@ -982,26 +1000,19 @@ async fn delete_snapshot(
     s.status = "deleting".into();
     st.inflight += 1;
     drop(st);
-    let sim2 = sim.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(sim2.cfg.transition_delay).await;
-        let backend = sim2.backend.clone();
-        let id2 = id.clone();
-        let res = tokio::task::spawn_blocking(move || backend.delete_snapshot(&id2)).await;
-        let mut st = sim2.state.lock().expect("sim lock");
-        st.inflight -= 1;
-        match res {
-            Ok(Ok(())) => {
-                st.snapshots.remove(&id);
+    finish_deletion_later(
+        sim,
+        id,
+        "snapshot",
+        |backend, id| backend.delete_snapshot(id),
+        |st, id, ok| {
+            if ok {
+                st.snapshots.remove(id);
+            } else if let Some(s) = st.snapshots.get_mut(id) {
+                s.status = "error_deleting".into();
             }
-            other => {
-                tracing::error!(snapshot = %id, ?other, "simulated snapshot deletion failed");
-                if let Some(s) = st.snapshots.get_mut(&id) {
-                    s.status = "error_deleting".into();
-                }
-            }
-        }
-    });
+        },
+    );
     Ok(with_microversion(StatusCode::ACCEPTED.into_response(), mv))
 }
 
