@@ -6,7 +6,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
-pub mod netlink;
+pub use berth_netlink as netlink;
 pub mod plugin;
 pub mod queue;
 

@@ -1,5 +1,7 @@
 //! A small synchronous rtnetlink client (netlink-packet-route messages over a netlink-sys
-//! socket): just the operations the plugin needs, without an async runtime.
+//! socket), without an async runtime: what the CNI plugin (veths, addresses, routes, neighbours)
+//! and the agent (routes to other nodes' pod CIDRs, the VXLAN device) need. Shared so that the
+//! code lives once (DESIGN §9).
 //!
 //! A netlink socket stays bound to the network namespace it was created in, so the plugin opens
 //! one in the host namespace and one inside the pod's namespace (see [`in_netns`]).
@@ -313,6 +315,202 @@ impl Netlink {
             RouteNetlinkMessage::NewNeighbour(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
         )?;
+        Ok(())
+    }
+}
+
+/// An IPv4 route as the agent manages it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: u32,
+    pub src: Option<Ipv4Addr>,
+}
+
+impl Netlink {
+    /// Adds or replaces route `r` in the main table, tagged with `protocol` (so that the owner can
+    /// find its routes again, as routing daemons do). `onlink`: the gateway is on the link even
+    /// without a matching subnet.
+    pub fn replace_route(&mut self, r: &Route, protocol: u8, onlink: bool) -> io::Result<()> {
+        let mut msg = Self::route_msg(r.dst, r.prefix, protocol);
+        msg.header.scope = if r.gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        if onlink {
+            msg.header.flags = netlink_packet_route::route::RouteFlags::Onlink;
+        }
+        if let Some(gw) = r.gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        }
+        if let Some(src) = r.src {
+            msg.attributes
+                .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(r.oif));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    fn route_msg(dst: Ipv4Addr, prefix: u8, protocol: u8) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = prefix;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::from(protocol);
+        msg.header.kind = RouteType::Unicast;
+        if prefix > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        }
+        msg
+    }
+
+    /// Deletes the main-table route to `dst/prefix` tagged `protocol`; `Ok(false)` when absent.
+    pub fn delete_route(&mut self, dst: Ipv4Addr, prefix: u8, protocol: u8) -> io::Result<bool> {
+        let msg = Self::route_msg(dst, prefix, protocol);
+        match self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_ACK) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every IPv4 route of the main table (optionally only those tagged `protocol`).
+    pub fn routes(&mut self, protocol: Option<u8>) -> io::Result<Vec<(Route, u8)>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let replies = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        for r in replies {
+            let RouteNetlinkMessage::NewRoute(m) = r else {
+                continue;
+            };
+            if m.header.table != RouteHeader::RT_TABLE_MAIN {
+                continue;
+            }
+            let proto = u8::from(m.header.protocol);
+            if protocol.is_some_and(|p| p != proto) {
+                continue;
+            }
+            let mut route = Route {
+                dst: Ipv4Addr::UNSPECIFIED,
+                prefix: m.header.destination_prefix_length,
+                gateway: None,
+                oif: 0,
+                src: None,
+            };
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => route.dst = *d,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.gateway = Some(*g),
+                    RouteAttribute::PrefSource(RouteAddress::Inet(s)) => route.src = Some(*s),
+                    RouteAttribute::Oif(o) => route.oif = *o,
+                    _ => {}
+                }
+            }
+            out.push((route, proto));
+        }
+        Ok(out)
+    }
+
+    /// Every IPv4 address of every link: `(link index, address, prefix)`.
+    pub fn all_addresses(&mut self) -> io::Result<Vec<(u32, Ipv4Addr, u8)>> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let replies = self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        for r in replies {
+            let RouteNetlinkMessage::NewAddress(m) = r else {
+                continue;
+            };
+            for a in &m.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                    out.push((m.header.index, *ip, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a flow-based (`external`, collect-metadata) VXLAN device on UDP `port`: one device
+    /// for every remote, the remote set per packet by eBPF. No learning, no ARP.
+    pub fn create_vxlan_external(&mut self, name: &str, port: u16, mtu: u32) -> io::Result<()> {
+        use netlink_packet_route::link::InfoVxlan;
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        msg.header.flags = LinkFlags::Noarp;
+        msg.header.change_mask = LinkFlags::Noarp;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::CollectMetadata(true),
+                InfoVxlan::Port(port),
+                InfoVxlan::Learning(false),
+            ])),
+        ]));
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Kind of link `index` (`"veth"`, `"vxlan"`, ...) and, for VXLAN, whether it is flow-based
+    /// and its UDP port.
+    pub fn link_kind(&mut self, name: &str) -> io::Result<Option<(String, bool, Option<u16>)>> {
+        use netlink_packet_route::link::InfoVxlan;
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let replies = match self.request(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for r in replies {
+            let RouteNetlinkMessage::NewLink(l) = r else {
+                continue;
+            };
+            let mut kind = String::new();
+            let (mut external, mut port) = (false, None);
+            for a in &l.attributes {
+                if let LinkAttribute::LinkInfo(infos) = a {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => kind = k.to_string(),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                                for x in v {
+                                    match x {
+                                        InfoVxlan::CollectMetadata(c) => external = *c,
+                                        InfoVxlan::Port(p) => port = Some(*p),
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            return Ok(Some((kind, external, port)));
+        }
+        Ok(None)
+    }
+
+    /// Sets the MTU of link `index`.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)?;
         Ok(())
     }
 }
