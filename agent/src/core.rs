@@ -15,12 +15,18 @@ use berth_proto::agent::{
 };
 use ipnet::Ipv4Net;
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     path::Path,
     sync::Mutex,
-    time::Instant,
+    time::{Duration, Instant},
 };
+
+/// How long an address may stay allocated without its endpoint becoming ready before
+/// [`AgentCore::reclaim_stale_allocations`] takes it back. An ADD takes milliseconds, so only an
+/// ADD whose plugin died between Allocate and CreateEndpoint (and whose runtime neither retried,
+/// nor sent DEL or GC) is still allocated after this long.
+pub const DEFAULT_ALLOCATION_LEASE: Duration = Duration::from_secs(60);
 
 /// Settings the core needs.
 #[derive(Debug, Clone)]
@@ -39,6 +45,9 @@ struct Inner {
     version: u64,
     dp: Box<dyn Datapath>,
     queue_drained: u64,
+    /// When each `Allocated` (not yet ready) endpoint was allocated, by store key: monotonic and
+    /// in memory only (entries loaded from disk count from start-up).
+    allocated_at: HashMap<String, Instant>,
 }
 
 /// The state file and the last version written to it (group commit: one write covers every
@@ -97,24 +106,34 @@ impl AgentCore {
             state.next_endpoint_id = 1;
         }
         let cidr = cfg.pod_cidr.to_string();
-        if !state.pod_cidr.is_empty() && state.pod_cidr != cidr && !state.endpoints.is_empty() {
-            tracing::warn!(old = %state.pod_cidr, new = %cidr, "pod CIDR changed with endpoints still allocated; they keep their addresses until deleted");
+        if !state.pod_cidr.is_empty() && state.pod_cidr != cidr {
+            check_pod_cidr_change(&state, &cfg.pod_cidr)?;
         }
+        // A changed CIDR is recorded at once (the reconcile below commits).
+        let version = u64::from(state.pod_cidr != cidr);
         state.pod_cidr = cidr;
+        let started = Instant::now();
+        let allocated_at = state
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.state == EndpointState::Allocated)
+            .map(|(k, _)| (k.clone(), started))
+            .collect();
         let core = AgentCore {
             cfg,
             link_deleter: None,
             inner: Mutex::new(Inner {
                 state,
-                version: 0,
+                version,
                 dp,
                 queue_drained: 0,
+                allocated_at,
             }),
             persist: Mutex::new(Persist {
                 store,
                 persisted: 0,
             }),
-            started: Instant::now(),
+            started,
         };
         core.reconcile()?;
         Ok(core)
@@ -140,10 +159,12 @@ impl AgentCore {
             {
                 continue; // released by the sweep below
             }
+            // The entry first: freshly created maps must be populated before new programs see
+            // the pod's traffic (the anti-spoofing check looks the source up in it).
+            inner.dp.upsert_endpoint(ep.address, endpoint_info(ep))?;
             if reattach {
                 inner.dp.attach(&ep.host_ifname)?;
             }
-            inner.dp.upsert_endpoint(ep.address, endpoint_info(ep))?;
             programmed += 1;
         }
         tracing::info!(
@@ -184,6 +205,37 @@ impl AgentCore {
         Ok(released)
     }
 
+    /// Releases addresses allocated more than `lease` ago whose endpoint never became ready: the
+    /// plugin died between Allocate and CreateEndpoint and the runtime sent neither DEL nor GC
+    /// (CNI < 1.1 runtimes never send GC). A CreateEndpoint that comes after all fails with
+    /// NotFound, so that plugin rolls back and the runtime retries. `lease` must be far longer
+    /// than any ADD ([`DEFAULT_ALLOCATION_LEASE`]). Returns how many were released.
+    pub fn reclaim_stale_allocations(&self, lease: Duration) -> Result<u64> {
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        for (k, e) in &inner.state.endpoints {
+            if e.state != EndpointState::Allocated {
+                continue;
+            }
+            let since = *inner.allocated_at.entry(k.clone()).or_insert(now);
+            if now.duration_since(since) >= lease {
+                stale.push((e.container_id.clone(), e.ifname.clone(), since));
+            }
+        }
+        let mut released = 0;
+        for (cid, ifname, since) in stale {
+            if let Some(ep) = Self::release_locked(inner, &cid, &ifname)? {
+                tracing::info!(container = %cid, ifname = %ifname, address = %ep.address, age = ?now.duration_since(since), "allocation never became an endpoint; lease expired, address reclaimed");
+                released += 1;
+            }
+        }
+        drop(g);
+        self.commit()?;
+        Ok(released)
+    }
+
     /// Makes every change made so far durable. Must be called without holding `inner`. When
     /// several requests commit at once, the first writes the latest state and the others find
     /// their change already on disk.
@@ -208,6 +260,10 @@ impl AgentCore {
         let inner = &mut *g;
         let k = store::key(&cid, &ifname);
         let address = if let Some(ep) = inner.state.endpoints.get(&k) {
+            if ep.state == EndpointState::Allocated {
+                // A retried ADD: its lease starts again.
+                inner.allocated_at.insert(k.clone(), Instant::now());
+            }
             ep.address
         } else {
             let used: BTreeSet<Ipv4Addr> =
@@ -217,6 +273,7 @@ impl AgentCore {
             let id = inner.state.next_endpoint_id;
             inner.state.next_endpoint_id = id.checked_add(1).unwrap_or(1);
             inner.state.last_allocated = Some(ip);
+            inner.allocated_at.insert(k.clone(), Instant::now());
             inner.state.endpoints.insert(
                 k,
                 EndpointRecord {
@@ -265,7 +322,8 @@ impl AgentCore {
         let k = store::key(&cid, &ifname);
         let Some(ep) = inner.state.endpoints.get(&k).cloned() else {
             return Err(Error::NotFound(format!(
-                "no address allocated for {cid}/{ifname}; Allocate first"
+                "no address allocated for {cid}/{ifname} (never allocated, released, or its \
+                 allocation lease expired); Allocate first"
             )));
         };
         let mut ep = ep;
@@ -276,9 +334,16 @@ impl AgentCore {
         if !req.netns.is_empty() {
             ep.netns = req.netns;
         }
-        inner.dp.attach(&ep.host_ifname)?;
+        // The entry before the programs: the pod's first packet already finds its endpoint.
         inner.dp.upsert_endpoint(ep.address, endpoint_info(&ep))?;
+        if let Err(e) = inner.dp.attach(&ep.host_ifname) {
+            if let Err(e2) = inner.dp.remove_endpoint(ep.address, ep.id) {
+                tracing::warn!(address = %ep.address, error = %e2, "removing the endpoint entry after a failed attach");
+            }
+            return Err(e);
+        }
         ep.state = EndpointState::Ready;
+        inner.allocated_at.remove(&k);
         let id = ep.id;
         tracing::info!(container = %cid, ifname = %ifname, endpoint = id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
         inner.state.endpoints.insert(k, ep);
@@ -299,6 +364,7 @@ impl AgentCore {
         };
         inner.dp.remove_endpoint(ep.address, ep.id)?;
         inner.state.endpoints.remove(&k);
+        inner.allocated_at.remove(&k);
         inner.version += 1;
         tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, address = %ep.address, "endpoint released");
         Ok(Some(ep))
@@ -519,6 +585,32 @@ impl AgentCore {
     }
 }
 
+/// A pod CIDR different from the stored one is accepted only when every endpoint's address is
+/// one the new CIDR could have handed out: Berth never renumbers pods.
+fn check_pod_cidr_change(state: &State, new: &Ipv4Net) -> Result<()> {
+    let outside: Vec<&EndpointRecord> = state
+        .endpoints
+        .values()
+        .filter(|e| !ipam::is_assignable(new, e.address))
+        .collect();
+    let Some(first) = outside.first() else {
+        tracing::info!(old = %state.pod_cidr, new = %new, endpoints = state.endpoints.len(), "pod CIDR changed; every endpoint address is inside the new one");
+        return Ok(());
+    };
+    Err(Error::Config(format!(
+        "pod CIDR changed from {old} to {new}, but {n} of {total} endpoints hold addresses outside \
+         {new} (e.g. {addr} of pod {ns}/{pod}, container {cid}); Berth never renumbers pods: \
+         drain the node and delete those pods first, or keep --pod-cidr {old}",
+        old = state.pod_cidr,
+        n = outside.len(),
+        total = state.endpoints.len(),
+        addr = first.address,
+        ns = first.pod_namespace,
+        pod = first.pod_name,
+        cid = first.container_id,
+    )))
+}
+
 fn endpoint_info(ep: &EndpointRecord) -> EndpointInfo {
     EndpointInfo {
         ifindex: ep.host_ifindex,
@@ -540,19 +632,35 @@ mod tests {
         entries: BTreeMap<Ipv4Addr, EndpointInfo>,
         attached: Vec<String>,
         vanished: Vec<String>,
+        /// Datapath calls in order: `upsert <ip>`, `remove <ip>`, `attach <ifname>`.
+        ops: Vec<String>,
+        /// Programs freshly loaded (an upgrade): reconcile re-attaches every endpoint.
+        reattach: bool,
+        fail_attach: bool,
     }
     struct Fake(Arc<Mutex<FakeState>>);
     impl Datapath for Fake {
         fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
-            self.0.lock().unwrap().entries.insert(ip, info);
+            let mut f = self.0.lock().unwrap();
+            f.ops.push(format!("upsert {ip}"));
+            f.entries.insert(ip, info);
             Ok(())
         }
         fn remove_endpoint(&mut self, ip: Ipv4Addr, _: u32) -> Result<()> {
-            self.0.lock().unwrap().entries.remove(&ip);
+            let mut f = self.0.lock().unwrap();
+            f.ops.push(format!("remove {ip}"));
+            f.entries.remove(&ip);
             Ok(())
         }
         fn attach(&mut self, ifname: &str) -> Result<()> {
-            self.0.lock().unwrap().attached.push(ifname.into());
+            let mut f = self.0.lock().unwrap();
+            if f.fail_attach {
+                return Err(Error::Datapath(format!(
+                    "attach {ifname}: injected failure"
+                )));
+            }
+            f.ops.push(format!("attach {ifname}"));
+            f.attached.push(ifname.into());
             Ok(())
         }
         fn stats(&self, _: u32) -> Stats {
@@ -565,7 +673,7 @@ mod tests {
             }
         }
         fn needs_reattach(&self) -> bool {
-            false
+            self.0.lock().unwrap().reattach
         }
         fn link_present(&self, ifname: &str, _: u32) -> bool {
             !self.0.lock().unwrap().vanished.iter().any(|v| v == ifname)
@@ -573,12 +681,27 @@ mod tests {
     }
 
     fn core(dir: &Path, fake: Arc<Mutex<FakeState>>) -> AgentCore {
+        core_with(dir, fake, "10.2.0.0/28").unwrap()
+    }
+
+    fn core_with(dir: &Path, fake: Arc<Mutex<FakeState>>, cidr: &str) -> Result<AgentCore> {
         let cfg = CoreConfig {
             node_name: "n".into(),
-            pod_cidr: "10.2.0.0/28".parse().unwrap(),
+            pod_cidr: cidr.parse().unwrap(),
             mtu: 1500,
         };
-        AgentCore::new(cfg, Store::new(dir, false).unwrap(), Box::new(Fake(fake))).unwrap()
+        AgentCore::new(cfg, Store::new(dir, false).unwrap(), Box::new(Fake(fake)))
+    }
+
+    fn ready(core: &AgentCore, c: &str, host_if: &str) -> Result<CreateEndpointResponse> {
+        core.create_endpoint(CreateEndpointRequest {
+            attachment: att(c),
+            host_ifindex: 9,
+            host_ifname: host_if.into(),
+            pod_mac: vec![2; 6],
+            host_mac: vec![3; 6],
+            netns: String::new(),
+        })
     }
 
     fn att(c: &str) -> Option<Attachment> {
@@ -780,5 +903,173 @@ mod tests {
         fake.lock().unwrap().vanished.push("bthv2".into());
         let c = core(dir.path(), fake.clone());
         assert_eq!(c.status().ipam.unwrap().allocated, 0);
+    }
+
+    #[test]
+    fn allocations_that_never_became_endpoints_are_reclaimed_after_their_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        alloc(&c, "stuck").unwrap();
+        alloc(&c, "ok").unwrap();
+        ready(&c, "ok", "bthok").unwrap();
+        assert_eq!(
+            c.reclaim_stale_allocations(DEFAULT_ALLOCATION_LEASE)
+                .unwrap(),
+            0
+        );
+        assert_eq!(c.status().ipam.unwrap().allocated, 2);
+        // Only the never-ready allocation goes; the ready endpoint is not the lease's business.
+        assert_eq!(c.reclaim_stale_allocations(Duration::ZERO).unwrap(), 1);
+        assert_eq!(c.status().ipam.unwrap().allocated, 1);
+        assert_eq!(fake.lock().unwrap().entries.len(), 1);
+        // The plugin that was stopped half-way gets a clean NotFound (it then rolls back).
+        let e = ready(&c, "stuck", "bthstuck").unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert!(e.to_string().contains("lease"), "{e}");
+        let r = c.handle_local(LocalRequest {
+            op: Some(Op::CreateEndpoint(CreateEndpointRequest {
+                attachment: att("stuck"),
+                host_ifindex: 9,
+                host_ifname: "bthstuck".into(),
+                pod_mac: vec![2; 6],
+                host_mac: vec![3; 6],
+                netns: String::new(),
+            })),
+        });
+        match r.result {
+            Some(local_response::Result::Error(e)) => {
+                assert_eq!(e.code(), pb::local_error::Code::NotFound)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!fake.lock().unwrap().attached.contains(&"bthstuck".into()));
+        // The freed address is usable again.
+        alloc(&c, "next").unwrap();
+        ready(&c, "next", "bthnext").unwrap();
+    }
+
+    #[test]
+    fn lease_counts_from_allocation_and_a_retried_allocate_renews_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake);
+        let lease = Duration::from_millis(150);
+        alloc(&c, "old").unwrap();
+        let retried = alloc(&c, "retried").unwrap();
+        std::thread::sleep(lease);
+        alloc(&c, "young").unwrap();
+        assert_eq!(alloc(&c, "retried").unwrap(), retried, "same address");
+        assert_eq!(c.reclaim_stale_allocations(lease).unwrap(), 1);
+        let left: Vec<String> = c
+            .list_endpoints()
+            .into_iter()
+            .map(|e| e.attachment.unwrap().container_id)
+            .collect();
+        assert_eq!(left, vec!["retried".to_string(), "young".to_string()]);
+        std::thread::sleep(lease);
+        assert_eq!(c.reclaim_stale_allocations(lease).unwrap(), 2);
+        assert_eq!(c.status().ipam.unwrap().allocated, 0);
+    }
+
+    #[test]
+    fn allocations_saved_along_with_others_count_their_lease_from_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        alloc(&c, "half").unwrap();
+        alloc(&c, "full").unwrap();
+        // This commit writes the whole state, "half" (still allocated) included.
+        ready(&c, "full", "bthfull").unwrap();
+        drop(c);
+        let lease = Duration::from_millis(150);
+        let c = core(dir.path(), fake);
+        assert_eq!(c.status().ipam.unwrap().allocated, 2);
+        assert_eq!(c.reclaim_stale_allocations(lease).unwrap(), 0);
+        std::thread::sleep(lease);
+        assert_eq!(c.reclaim_stale_allocations(lease).unwrap(), 1);
+        assert_eq!(c.status().ipam.unwrap().allocated, 1);
+        drop(c);
+        let c = core(dir.path(), Arc::new(Mutex::new(FakeState::default())));
+        assert_eq!(
+            c.status().ipam.unwrap().allocated,
+            1,
+            "reclaim was persisted"
+        );
+    }
+
+    #[test]
+    fn pod_cidr_change_is_refused_while_endpoints_are_outside_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core_with(dir.path(), fake.clone(), "10.2.0.0/24").unwrap();
+        // Round robin from the start of the range: 10.2.0.2 ..= 10.2.0.16.
+        for i in 0..15 {
+            let cid = format!("p{i:02}");
+            alloc(&c, &cid).unwrap();
+            ready(&c, &cid, &format!("bthp{i}")).unwrap();
+        }
+        drop(c);
+        let refused = |cidr: &str| {
+            let e = core_with(dir.path(), fake.clone(), cidr)
+                .err()
+                .unwrap_or_else(|| panic!("change to {cidr} accepted"));
+            assert!(matches!(e, Error::Config(_)), "{e}");
+            e.to_string()
+        };
+        // A different range: every endpoint is outside it.
+        let msg = refused("10.2.1.0/24");
+        for want in ["from 10.2.0.0/24 to 10.2.1.0/24", "15 of 15 endpoints"] {
+            assert!(msg.contains(want), "{want:?} missing in: {msg}");
+        }
+        // A narrower one: 10.2.0.16 is outside it and 10.2.0.15 is its broadcast address.
+        let msg = refused("10.2.0.0/28");
+        assert!(msg.contains("2 of 15 endpoints"), "{msg}");
+        // Refused starts changed nothing on disk.
+        let stored = Store::new(dir.path(), false).unwrap().load().unwrap();
+        assert_eq!(stored.pod_cidr, "10.2.0.0/24");
+        assert_eq!(stored.endpoints.len(), 15);
+        // A narrower range that still holds every address is accepted and recorded at once.
+        let c = core_with(dir.path(), fake.clone(), "10.2.0.0/27").unwrap();
+        assert_eq!(c.status().ipam.unwrap().allocated, 15);
+        drop(c);
+        let stored = Store::new(dir.path(), false).unwrap().load().unwrap();
+        assert_eq!(stored.pod_cidr, "10.2.0.0/27");
+        // So is a wider one; without endpoints anything goes.
+        let c = core_with(dir.path(), fake.clone(), "10.2.0.0/16").unwrap();
+        c.gc(GcRequest { valid: vec![] }).unwrap();
+        drop(c);
+        core_with(dir.path(), fake, "10.2.7.0/24").unwrap();
+    }
+
+    #[test]
+    fn endpoint_entry_is_written_before_filters_attach() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        let ip = alloc(&c, "o1").unwrap();
+        let ip = ip.trim_end_matches("/32");
+        ready(&c, "o1", "btho1").unwrap();
+        assert_eq!(
+            fake.lock().unwrap().ops,
+            vec![format!("upsert {ip}"), "attach btho1".to_string()]
+        );
+        // A failed attach leaves no entry behind and the endpoint not ready.
+        alloc(&c, "o2").unwrap();
+        fake.lock().unwrap().fail_attach = true;
+        assert!(ready(&c, "o2", "btho2").is_err());
+        assert_eq!(fake.lock().unwrap().entries.len(), 1);
+        fake.lock().unwrap().fail_attach = false;
+        drop(c);
+        // After a program upgrade reconcile re-attaches: again entry first, then filter.
+        let fake2 = Arc::new(Mutex::new(FakeState {
+            reattach: true,
+            ..FakeState::default()
+        }));
+        let _c = core(dir.path(), fake2.clone());
+        assert_eq!(
+            fake2.lock().unwrap().ops,
+            vec![format!("upsert {ip}"), "attach btho1".to_string()]
+        );
     }
 }

@@ -46,6 +46,17 @@ pub fn capacity(cidr: &Ipv4Net) -> u32 {
     (1u32 << (32 - cidr.prefix_len())).saturating_sub(3)
 }
 
+/// True when `ip` is one [`next_free`] could hand out in `cidr` (inside it, and not its network,
+/// node or broadcast address).
+pub fn is_assignable(cidr: &Ipv4Net, ip: Ipv4Addr) -> bool {
+    if !cidr.contains(&ip) {
+        return false;
+    }
+    let off = u32::from(ip) - u32::from(cidr.network());
+    let size = 1u32 << (32 - cidr.prefix_len());
+    (2..=size - 2).contains(&off)
+}
+
 /// Picks the next free address after `last` (round robin, as host-local does, so a just-freed
 /// address is not handed out again at once).
 pub fn next_free(
@@ -113,6 +124,15 @@ mod tests {
             next_free(&cidr, &used, last).unwrap(),
             Ipv4Addr::new(10, 2, 0, 5)
         );
+    }
+
+    #[test]
+    fn assignable_excludes_reserved_offsets_and_outsiders() {
+        let cidr: Ipv4Net = "10.2.0.0/28".parse().unwrap();
+        let ok = |s: &str| is_assignable(&cidr, s.parse().unwrap());
+        assert!(!ok("10.2.0.0") && !ok("10.2.0.1") && !ok("10.2.0.15"));
+        assert!(ok("10.2.0.2") && ok("10.2.0.14"));
+        assert!(!ok("10.2.0.16") && !ok("10.2.1.2"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod error;
 pub mod ipam;
 pub mod links;
+pub mod lock;
 pub mod node;
 pub mod server;
 pub mod store;
