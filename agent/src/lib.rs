@@ -9,6 +9,7 @@
 //! - [`tunnel`] and [`node`]: the Konnectivity-compatible tunnel client, node registration,
 //!   heartbeats and lifecycle commands.
 //! - [`config`]: settings from flags, environment and `/etc/berth/agent.toml`.
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod datapath;
