@@ -1,6 +1,7 @@
 //! Helpers for Berth's privileged end-to-end tests. Every resource a test creates (network
 //! namespaces, links, pin directories, loop devices, mounts) is owned by a guard that removes it on
 //! drop, also when the test fails.
+pub mod apiserver;
 pub mod cni;
 pub mod containerd;
 pub mod csi;

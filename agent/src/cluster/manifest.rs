@@ -224,12 +224,16 @@ fn collect(
         debug!(file = %path.display(), api_version, kind, "ignoring manifest of an unwatched kind");
         return Ok(());
     };
-    let obj = Object::from_value(k, Value::Object(doc)).map_err(|e| format!("{kind}: {e}"))?;
-    let named = match &obj {
-        Object::Node(n) => n.metadata.name.as_deref(),
-        Object::Pod(p) => p.metadata.name.as_deref(),
+    let mut obj = Object::from_value(k, Value::Object(doc)).map_err(|e| format!("{kind}: {e}"))?;
+    let meta = match &mut obj {
+        Object::Node(n) => &mut n.metadata,
+        Object::Pod(p) => {
+            // As kubectl applies it: a namespaced object without a namespace is in "default".
+            p.metadata.namespace.get_or_insert_with(|| "default".into());
+            &mut p.metadata
+        }
     };
-    if named.is_none_or(str::is_empty) {
+    if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(format!("{kind} without metadata.name"));
     }
     out.push(obj);

@@ -169,8 +169,8 @@ fn pod_key(p: &Pod) -> (String, String) {
 /// Adding a kind (Namespaces, NetworkPolicies, Services, EndpointSlices) means: a variant here and
 /// in [`Kind::ALL`], its type, scope and selector in the `impl` below, an [`Object`] variant, a
 /// field of [`ClusterModel`] (with its arms in `count`/`upsert`/`remove`/`replace_kind`/
-/// `same_content`), and one `watch_kind` line in the Kubernetes source. The manifest source
-/// dispatches on [`Kind::from_type`] and needs nothing else.
+/// `same_content`), and one arm in `KubeSource::spawn_kind` (its typed `Api`). The manifest
+/// source dispatches on [`Kind::from_type`] and needs nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// Every Node of the cluster.

@@ -183,6 +183,9 @@ items:
         names(&parse("l.yml", list).unwrap()),
         ["Node:n1", "Pod:ns/p"]
     );
+    // A pod without a namespace is in "default", as kubectl applies it.
+    let bare = "apiVersion: v1\nkind: Pod\nmetadata: {name: bare}\nspec: {containers: []}\n";
+    assert_eq!(names(&parse("p.yaml", bare).unwrap()), ["Pod:default/bare"]);
     // A typed list whose items omit apiVersion/kind, as `kubectl get nodes -o json` writes.
     let node_list = json!({
         "apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "7"},
