@@ -47,6 +47,10 @@ pub enum Error {
     InvalidConfig(String),
     #[error("berth-agent is not reachable at {socket}: {reason}; try again later")]
     AgentUnreachable { socket: String, reason: String },
+    /// A transient condition the runtime's retry resolves (e.g. the address allocated for this
+    /// ADD was reclaimed while the ADD stalled).
+    #[error("{0}; try again")]
+    Retry(String),
     #[error("berth-agent is not available at {socket}: {reason}")]
     NotAvailable { socket: String, reason: String },
     #[error("berth-agent: {0}")]
@@ -70,7 +74,7 @@ impl Error {
             Error::Io { .. } => code::IO_FAILURE,
             Error::Decode(_) => code::DECODE_FAILURE,
             Error::InvalidConfig(_) => code::INVALID_CONFIG,
-            Error::AgentUnreachable { .. } => code::TRY_AGAIN_LATER,
+            Error::AgentUnreachable { .. } | Error::Retry(_) => code::TRY_AGAIN_LATER,
             Error::NotAvailable { .. } => code::NOT_AVAILABLE,
             Error::Agent(_) => code::AGENT_ERROR,
             Error::InterfaceExists { .. } => code::INTERFACE_EXISTS,
@@ -89,7 +93,7 @@ impl Error {
             Error::Io { .. } => "I/O failure",
             Error::Decode(_) => "failed to decode network configuration",
             Error::InvalidConfig(_) => "invalid network configuration",
-            Error::AgentUnreachable { .. } => "try again later",
+            Error::AgentUnreachable { .. } | Error::Retry(_) => "try again later",
             Error::NotAvailable { .. } => "plugin not available",
             Error::Agent(_) => "berth-agent error",
             Error::InterfaceExists { .. } => "interface already exists",

@@ -185,6 +185,8 @@ fn plumb(
                 std::io::ErrorKind::NotFound.into(),
             )
         })?;
+    // Before the link comes up, so it never gets an IPv6 link-local address.
+    disable_host_ipv6(host_nl, host_name, host.index);
     host_nl
         .set_up(host.index)
         .map_err(io("set host interface up"))?;
@@ -228,6 +230,9 @@ fn plumb(
                 reason: format!("lost during CreateEndpoint: {e}"),
             });
         }
+        // The allocation is gone (its lease expired while this ADD was stalled, or a DEL/GC
+        // released it): the caller rolls back and the runtime's retry allocates afresh.
+        Err(CallError::Agent(Code::NotFound, m)) => return Err(Error::Retry(m)),
         Err(CallError::Agent(_, m)) => return Err(Error::Agent(m)),
     }
 
@@ -242,6 +247,29 @@ fn plumb(
         "routes": [{"dst": "0.0.0.0/0", "gw": alloc.gateway}],
         "dns": {},
     }))
+}
+
+/// Keeps IPv6 off the host side of a pod's veth: no link-local address, no router solicitations
+/// or neighbour discovery from the pod's link into the node, and IPv6 arriving from the pod is
+/// not taken in by the host (Berth's pods are IPv4). `disable_ipv6=1` in the host namespace,
+/// plus address generation mode "none" over netlink, which also holds where `/proc/sys` is
+/// read-only (some containers). Best effort: a failure is a warning on stderr, never a failed ADD.
+fn disable_host_ipv6(nl: &mut Netlink, name: &str, index: u32) {
+    let no_ipv6 = || !std::path::Path::new("/proc/sys/net/ipv6").exists();
+    let sysctl = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if let Err(e) = std::fs::write(&sysctl, "1")
+        && !no_ipv6()
+    {
+        eprintln!(
+            "berth: ADD: cannot disable IPv6 on {name} ({sysctl}: {e}); turning off its address generation only"
+        );
+    }
+    if let Err(e) = nl.set_ipv6_addr_gen_mode_none(index)
+        && e.raw_os_error() != Some(libc::EAFNOSUPPORT)
+        && !no_ipv6()
+    {
+        eprintln!("berth: ADD: cannot turn off IPv6 address generation on {name}: {e}");
+    }
 }
 
 /// Merges our result into `prevResult` when chained, and shapes it for the requested version.
@@ -424,14 +452,10 @@ fn status(conf: &NetConf) -> Result<()> {
     let mut client =
         AgentClient::connect(&socket, AGENT_TIMEOUT).map_err(|e| unavailable(e.to_string()))?;
     match client.call(Op::Status(StatusRequest {})) {
+        // Only what makes every ADD fail marks the node's network not ready: the agent down or its
+        // datapath not loaded. A full pod CIDR is not a node failure (containerd 2 would mark the
+        // node NotReady); ADD then fails on its own with "pod addresses exhausted".
         Ok(local_response::Result::Status(s)) => {
-            let ipam = s.ipam.unwrap_or_default();
-            if ipam.capacity > 0 && ipam.allocated >= ipam.capacity {
-                return Err(unavailable(format!(
-                    "pod CIDR {} has no free address ({} of {} allocated)",
-                    ipam.pod_cidr, ipam.allocated, ipam.capacity
-                )));
-            }
             if !s.datapath.unwrap_or_default().loaded {
                 return Err(unavailable("datapath not loaded".into()));
             }

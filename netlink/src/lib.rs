@@ -513,6 +513,24 @@ impl Netlink {
         self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)?;
         Ok(())
     }
+
+    /// Turns off IPv6 address generation on link `index` (`IFLA_INET6_ADDR_GEN_MODE` = none, as
+    /// `ip link set <if> addrgenmode none`): the link gets no link-local address, so it sends no
+    /// router solicitations or neighbour discovery. Works where `/proc/sys` is read-only; fails
+    /// with `EAFNOSUPPORT` when the kernel has no IPv6.
+    pub fn set_ipv6_addr_gen_mode_none(&mut self, index: u32) -> io::Result<()> {
+        use netlink_packet_route::link::{AfSpecInet6, AfSpecUnspec};
+        /// `IN6_ADDR_GEN_MODE_NONE` from `<linux/if_link.h>`.
+        const IN6_ADDR_GEN_MODE_NONE: u8 = 1;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(IN6_ADDR_GEN_MODE_NONE)],
+            )]));
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)?;
+        Ok(())
+    }
 }
 
 /// Runs `f` with the calling thread switched into the network namespace `netns`, then switches

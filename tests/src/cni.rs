@@ -48,6 +48,8 @@ pub struct Node {
     pub pin_root: PathBuf,
     pub pod_cidr: String,
     agent: Option<Child>,
+    /// Extra `berth-agent` arguments, passed on every (re)start.
+    extra_args: Vec<String>,
 }
 
 impl Node {
@@ -57,6 +59,11 @@ impl Node {
     }
 
     pub fn with_cidr(pod_cidr: &str) -> Self {
+        Self::with_args(pod_cidr, &[])
+    }
+
+    /// A node whose agent also gets `args` (e.g. `&["--allocation-lease", "2"]`) on every start.
+    pub fn with_args(pod_cidr: &str, args: &[&str]) -> Self {
         require_root();
         let ns = NetNs::new("bn");
         ns.exec_ok(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
@@ -71,6 +78,7 @@ impl Node {
             pin_root,
             pod_cidr: pod_cidr.into(),
             agent: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         node.start_agent();
         node
@@ -117,6 +125,7 @@ impl Node {
                 "--log",
                 "info",
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -135,6 +144,44 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// PID of the running agent.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// True while the agent process has not exited.
+    pub fn agent_running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("try_wait agent").is_none())
+    }
+
+    /// One request of the agent's framed local protocol (what the CNI plugin speaks), for tests
+    /// that play a plugin stopped half-way through ADD.
+    pub fn local(
+        &self,
+        op: berth_proto::agent::local_request::Op,
+    ) -> berth_proto::agent::local_response::Result {
+        use prost::Message;
+        use std::io::Read;
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket()).expect("agent socket");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let body = berth_proto::agent::LocalRequest { op: Some(op) }.encode_to_vec();
+        let mut frame = b"BRT1".to_vec();
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&body);
+        s.write_all(&frame).expect("send request");
+        let mut head = [0u8; 8];
+        s.read_exact(&mut head).expect("read response header");
+        assert_eq!(&head[..4], b"BRT1", "bad frame magic");
+        let mut resp = vec![0u8; u32::from_be_bytes(head[4..].try_into().unwrap()) as usize];
+        s.read_exact(&mut resp).expect("read response");
+        berth_proto::agent::LocalResponse::decode(resp.as_slice())
+            .expect("decode response")
+            .result
+            .expect("response has a result")
     }
 
     /// Kills the agent with `signal` and waits for it.

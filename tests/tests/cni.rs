@@ -1,5 +1,9 @@
 //! Privileged end-to-end tests of pod networking on one node: the real `berth` CNI binary, the
 //! real agent, the eBPF datapath, network namespaces as node and pods.
+use berth_proto::agent::{
+    AllocateRequest, Attachment, CreateEndpointRequest, ReleaseRequest, local_error::Code,
+    local_request::Op, local_response,
+};
 use berth_tests::cni::{NODE_IP, Node, Pod, in_netns};
 use berth_tests::netns::{NetNs, workspace_bin};
 use nix::sys::signal::Signal;
@@ -479,9 +483,9 @@ fn agent_kill9_keeps_tcp_flowing_and_restart_adopts_pins() {
     assert!(b_ep["rxBytes"].as_u64().unwrap() > 8 << 20, "{b_ep}");
 }
 
-#[test]
-fn churn_and_killed_adds_leak_nothing_after_gc() {
-    let node = Node::new();
+/// 500 ADD/DEL cycles in one pod namespace, then 12 ADDs whose plugin is killed (`kill -9`) at
+/// varying points; returns the victims' namespaces (their sandboxes, still alive).
+fn churn_then_kill_adds(node: &Node) -> Vec<Pod> {
     let pod = Pod::new();
     let netns = pod.ns.path().to_str().unwrap().to_string();
     for i in 0..500 {
@@ -525,6 +529,13 @@ fn churn_and_killed_adds_leak_nothing_after_gc() {
         let _ = child.kill();
         let _ = child.wait();
     }
+    victims
+}
+
+#[test]
+fn churn_and_killed_adds_leak_nothing_after_gc() {
+    let node = Node::new();
+    let _victims = churn_then_kill_adds(&node);
     let keep = Pod::new();
     let keep_ip = node.add(&keep);
 
@@ -605,4 +616,233 @@ fn pod_destroyed_without_del_is_released_by_the_agent() {
     assert_eq!(node.endpoint_map_entries(), 1);
     let eps = node.berthctl(&["endpoints"]);
     assert_eq!(eps[0]["containerID"], keep.cid.as_str());
+}
+
+#[test]
+fn second_agent_on_the_same_state_dir_is_refused() {
+    let mut node = Node::new();
+    let first_pid = node.agent_pid().expect("agent running");
+    let other = tempfile::Builder::new()
+        .prefix("berth-second-")
+        .tempdir()
+        .unwrap();
+    let pin_root =
+        std::path::PathBuf::from("/sys/fs/bpf").join(berth_tests::netns::unique_name("berth-t"));
+    let log = other.path().join("stderr.log");
+    let started = Instant::now();
+    let mut second = node
+        .ns
+        .command(workspace_bin("berth-agent").to_str().unwrap())
+        .args(["--config", "/dev/null", "--socket"])
+        .arg(other.path().join("agent.sock"))
+        .arg("--state-dir")
+        .arg(node.state_dir())
+        .arg("--cni-state-dir")
+        .arg(other.path().join("cni"))
+        .arg("--pin-root")
+        .arg(&pin_root)
+        .args(["--pod-cidr", &node.pod_cidr, "--no-ip-forward"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn second berth-agent");
+    // Owns the second agent: killed and its pins removed even when an assertion fails.
+    struct Guard(std::process::Child, std::path::PathBuf);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let guard = Guard(second, pin_root.clone());
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!("a second agent on the same state directory kept running:\n{stderr}")
+    });
+    assert!(!status.success(), "second agent exited 0:\n{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "second agent took {:?} to give up",
+        started.elapsed()
+    );
+    let dir = node.state_dir().display().to_string();
+    assert!(
+        stderr.contains(&dir) && stderr.contains(&format!("PID {first_pid}")),
+        "error does not name the state directory {dir} and the holder PID {first_pid}:\n{stderr}"
+    );
+    // Refused before touching pins or state.
+    assert!(
+        !pin_root.exists(),
+        "second agent created its pin root before failing"
+    );
+    drop(guard);
+
+    // The first agent keeps serving.
+    assert!(
+        node.agent_running(),
+        "first agent died:\n{}",
+        node.log_tail()
+    );
+    assert_eq!(node.berthctl(&["status"])["datapath"]["loaded"], true);
+    let pod = Pod::new();
+    let ip = node.add(&pod);
+    assert!(
+        node.ns
+            .exec(&["ping", "-c", "1", "-W", "2", &ip])
+            .status
+            .success()
+    );
+}
+
+fn attachment(cid: &str) -> Option<Attachment> {
+    Some(Attachment {
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+    })
+}
+
+#[test]
+fn churn_and_killed_adds_leak_nothing_without_gc() {
+    // A runtime that never sends GC (CNI < 1.1): the allocation lease and the vanished-pod sweep
+    // must clean up on their own.
+    let node = Node::with_args("10.2.0.0/24", &["--allocation-lease", "2"]);
+    let victims = churn_then_kill_adds(&node);
+    // A plugin stopped right after Allocate, deterministically (the kills above may or may not
+    // land between Allocate and CreateEndpoint).
+    match node.local(Op::Allocate(AllocateRequest {
+        attachment: attachment("stalled"),
+        ..Default::default()
+    })) {
+        local_response::Result::Allocate(_) => {}
+        other => panic!("Allocate: {other:?}"),
+    }
+    let keep = Pod::new();
+    let keep_ip = node.add(&keep);
+    let allocated = || node.berthctl(&["status"])["ipam"]["allocated"].clone();
+    assert!(
+        allocated().as_u64().unwrap() >= 2,
+        "the stalled allocation is held during its lease"
+    );
+    // The runtime tears the victims' sandboxes down: no DEL (their ADD never returned), no GC.
+    drop(victims);
+    let started = Instant::now();
+    while allocated() != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "leaked allocations never reclaimed: {}\n{}",
+            node.berthctl(&["endpoints"]),
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let eps = node.berthctl(&["endpoints"]);
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 1, "leaked endpoints: {eps:?}");
+    assert_eq!(eps[0]["containerID"], keep.cid.as_str());
+    assert_eq!(eps[0]["state"], "ready");
+    let left = node.settled_host_links(1);
+    assert_eq!(left.len(), 1, "leaked interfaces: {left:?}");
+    assert_eq!(node.endpoint_map_entries(), 1);
+    // The stalled plugin's late CreateEndpoint fails cleanly: it rolls back, the runtime retries.
+    match node.local(Op::CreateEndpoint(CreateEndpointRequest {
+        attachment: attachment("stalled"),
+        host_ifindex: 1,
+        host_ifname: "bthstalled".into(),
+        pod_mac: vec![2; 6],
+        host_mac: vec![2; 6],
+        netns: String::new(),
+    })) {
+        local_response::Result::Error(e) => assert_eq!(e.code(), Code::NotFound, "{e:?}"),
+        other => panic!("CreateEndpoint after the lease: {other:?}"),
+    }
+    assert!(keep.ping(NODE_IP));
+    assert!(
+        node.ns
+            .exec(&["ping", "-c", "1", "-W", "2", &keep_ip])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn full_pool_fails_add_but_not_status() {
+    // A /28 holds 13 pod addresses; plugins stopped after Allocate hold them all.
+    let node = Node::with_cidr("10.2.0.0/28");
+    for i in 0..13 {
+        match node.local(Op::Allocate(AllocateRequest {
+            attachment: attachment(&format!("hold{i}")),
+            ..Default::default()
+        })) {
+            local_response::Result::Allocate(_) => {}
+            other => panic!("Allocate {i}: {other:?}"),
+        }
+    }
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 13);
+    // The node's network is fine: STATUS succeeds (a failing STATUS would make containerd 2 mark
+    // the whole node NotReady); ADD itself says why it fails.
+    let status = node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf());
+    assert_eq!(status.code, 0, "{status:?}");
+    let pod = Pod::new();
+    let add = node.verb(
+        "ADD",
+        &pod.cid,
+        Some(pod.ns.path().to_str().unwrap()),
+        "eth0",
+    );
+    assert_eq!(add.error_code(), 102, "{add:?}");
+    assert!(node.host_links().is_empty(), "failed ADD left an interface");
+    match node.local(Op::Release(ReleaseRequest {
+        attachment: attachment("hold0"),
+    })) {
+        local_response::Result::Release(r) => assert!(r.released),
+        other => panic!("Release: {other:?}"),
+    }
+    let ip = node.add(&pod);
+    assert!(pod.ping(NODE_IP), "pod {ip} after a slot was freed");
+}
+
+#[test]
+fn host_side_veth_has_no_ipv6() {
+    let node = Node::new();
+    let pod = Pod::new();
+    let ip = node.add(&pod);
+    assert!(pod.ping(NODE_IP));
+    let links = node.host_links();
+    assert_eq!(links.len(), 1, "{links:?}");
+    let host_if = &links[0];
+    // Read inside the node namespace: /proc/sys/net is per network namespace.
+    let disabled = node.ns.exec_ok(&[
+        "cat",
+        &format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6"),
+    ]);
+    assert_eq!(disabled.trim(), "1", "disable_ipv6 on {host_if}");
+    let v6 = node
+        .ns
+        .exec_ok(&["ip", "-6", "addr", "show", "dev", host_if]);
+    assert!(v6.trim().is_empty(), "{host_if} has IPv6 addresses: {v6}");
+    let details = node
+        .ns
+        .exec_ok(&["ip", "-d", "link", "show", "dev", host_if]);
+    assert!(
+        details.contains("addrgenmode none"),
+        "{host_if} still generates IPv6 addresses: {details}"
+    );
+    // IPv4 is untouched.
+    assert!(
+        node.ns
+            .exec(&["ping", "-c", "1", "-W", "2", &ip])
+            .status
+            .success()
+    );
 }
