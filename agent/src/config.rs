@@ -1,9 +1,15 @@
 //! Agent settings: command-line flags and `BERTH_*` environment variables override the TOML file
 //! (`/etc/berth/agent.toml` by default), which overrides built-in defaults (DESIGN §5).
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    routing::RoutingMode,
+};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 pub const DEFAULT_CONFIG: &str = "/etc/berth/agent.toml";
 pub const DEFAULT_SOCKET: &str = "/run/berth/agent.sock";
@@ -12,7 +18,6 @@ pub const DEFAULT_CNI_STATE_DIR: &str = "/run/berth/cni";
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/berth";
 /// The node's slice of the MKS pod range 10.2.0.0/16 (REFERENCE §6).
 pub const DEFAULT_POD_CIDR: &str = "10.2.0.0/24";
-pub const DEFAULT_MTU: u32 = 1500;
 
 /// Datapath and local API flags of `berth-agent`.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -32,12 +37,27 @@ pub struct AgentArgs {
     /// Where programs and maps are pinned (must be on bpffs). [default: /sys/fs/bpf/berth]
     #[arg(long, env = "BERTH_PIN_ROOT")]
     pub pin_root: Option<PathBuf>,
-    /// This node's pod CIDR; must not overlap 10.3.0.0/16 (services) or 172.17.0.0/16. [default: 10.2.0.0/24]
+    /// This node's pod CIDR; must not overlap 10.3.0.0/16 (services) or 172.17.0.0/16. Overrides
+    /// the node's own `Node.spec.podCIDRs` from the state source. [default: from the Node object;
+    /// without a state source 10.2.0.0/24]
     #[arg(long, env = "BERTH_POD_CIDR")]
     pub pod_cidr: Option<Ipv4Net>,
-    /// MTU of pod interfaces. [default: 1500]
+    /// MTU of pod interfaces. [default: the uplink's MTU; minus 50 bytes with --routing vxlan]
     #[arg(long, env = "BERTH_MTU")]
     pub mtu: Option<u32>,
+    /// How pods reach other nodes' pods: `native` (routes via each node's InternalIP on the shared
+    /// private network) or `vxlan` (overlay on UDP 8472). [default: native]
+    #[arg(long, env = "BERTH_ROUTING", value_enum)]
+    pub routing: Option<RoutingMode>,
+    /// The node's device to the private network. [default: the link holding the node IP, else the
+    /// link of the default route]
+    #[arg(long, env = "BERTH_UPLINK")]
+    pub uplink: Option<String>,
+    /// This node's address on the private network (the `--node-ip` flag is shared with the
+    /// tunnel's options; the binary fills this in). [default: the Node object's InternalIP, else
+    /// the uplink's first address]
+    #[arg(skip)]
+    pub node_ip: Option<Ipv4Addr>,
     /// Node name reported in status. [default: the host name]
     #[arg(long, env = "BERTH_NODE_NAME")]
     pub node_name: Option<String>,
@@ -61,6 +81,9 @@ struct FileConfig {
     node_name: Option<String>,
     fsync: Option<bool>,
     ip_forward: Option<bool>,
+    routing: Option<RoutingMode>,
+    uplink: Option<String>,
+    node_ip: Option<Ipv4Addr>,
 }
 
 /// Resolved settings.
@@ -70,11 +93,16 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub cni_state_dir: PathBuf,
     pub pin_root: PathBuf,
-    pub pod_cidr: Ipv4Net,
-    pub mtu: u32,
+    /// Given by flag or file; `None`: from the Node object (or the default without a source).
+    pub pod_cidr: Option<Ipv4Net>,
+    /// Given by flag or file; `None`: derived from the uplink and the routing mode.
+    pub mtu: Option<u32>,
     pub node_name: String,
     pub fsync: bool,
     pub ip_forward: bool,
+    pub routing: RoutingMode,
+    pub uplink: Option<String>,
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 impl AgentArgs {
@@ -82,15 +110,19 @@ impl AgentArgs {
     pub fn resolve(&self) -> Result<Settings> {
         let file = load_file(&self.config)?;
         let pod_cidr = match (&self.pod_cidr, &file.pod_cidr) {
-            (Some(c), _) => *c,
-            (None, Some(s)) => s.parse().map_err(|e| {
+            (Some(c), _) => Some(*c),
+            (None, Some(s)) => Some(s.parse().map_err(|e| {
                 Error::Config(format!("{}: pod-cidr {s:?}: {e}", self.config.display()))
-            })?,
-            (None, None) => DEFAULT_POD_CIDR.parse().expect("default CIDR"),
+            })?),
+            (None, None) => None,
         };
-        crate::ipam::validate_pod_cidr(&pod_cidr)?;
-        let mtu = self.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
-        if !(576..=65535).contains(&mtu) {
+        if let Some(c) = &pod_cidr {
+            crate::ipam::validate_pod_cidr(c)?;
+        }
+        let mtu = self.mtu.or(file.mtu);
+        if let Some(mtu) = mtu
+            && !(576..=65535).contains(&mtu)
+        {
             return Err(Error::Config(format!("mtu {mtu} is outside 576..=65535")));
         }
         let node_name = self
@@ -129,6 +161,9 @@ impl AgentArgs {
             node_name,
             fsync: !self.no_fsync && file.fsync.unwrap_or(true),
             ip_forward: !self.no_ip_forward && file.ip_forward.unwrap_or(true),
+            routing: self.routing.or(file.routing).unwrap_or_default(),
+            uplink: self.uplink.clone().or(file.uplink),
+            node_ip: self.node_ip.or(file.node_ip),
         })
     }
 }
@@ -159,8 +194,8 @@ mod tests {
             ..Default::default()
         };
         let s = args.resolve().unwrap();
-        assert_eq!(s.pod_cidr.to_string(), "10.2.5.0/24");
-        assert_eq!(s.mtu, 9000);
+        assert_eq!(s.pod_cidr.unwrap().to_string(), "10.2.5.0/24");
+        assert_eq!(s.mtu, Some(9000));
         std::fs::write(&f, "pod-cidr = \"10.3.0.0/24\"\n").unwrap();
         assert!(
             args.resolve()
@@ -186,7 +221,11 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        assert_eq!(s.pod_cidr.to_string(), DEFAULT_POD_CIDR);
+        assert_eq!(
+            s.pod_cidr, None,
+            "the pod CIDR comes from the Node object by default"
+        );
+        assert_eq!(s.routing, RoutingMode::Native);
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(s.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
         assert!(s.fsync && s.ip_forward);

@@ -8,16 +8,21 @@
 use crate::error::{Error, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuHashMap,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
 };
 use berth_ebpf_common::{
-    ALL_MAPS, ALL_PROGRAMS, DatapathConfig, EndpointInfo, MAP_CONFIG, MAP_ENDPOINTS, MAP_METRICS,
-    MetricKey, MetricValue, PROG_FROM_POD, PROG_TO_POD, drop_reason, metric,
+    ALL_MAPS, ALL_PROGRAMS, DatapathConfig, EndpointInfo, IpcacheEntry, LAYOUT_VERSION, MAP_CONFIG,
+    MAP_ENDPOINTS, MAP_IPCACHE, MAP_METRICS, MetricKey, MetricValue, PROG_FROM_NETDEV,
+    PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_TO_OVERLAY, PROG_TO_POD, drop_reason, metric,
 };
+use ipnet::Ipv4Net;
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
@@ -116,6 +121,124 @@ fn prepare_pin_root(pin_root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a node device is to the datapath.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRole {
+    /// The native device to the private network: `berth_from_netdev` on ingress.
+    Uplink,
+    /// The flow-based VXLAN device: `berth_from_overlay` on ingress, `berth_to_overlay` on egress.
+    Overlay,
+}
+
+/// File in the state directory that records the [`LAYOUT_VERSION`] of the pinned maps (bpffs holds
+/// only pins).
+pub const LAYOUT_FILE: &str = "datapath-layout";
+
+/// Checks every pinned map against this object's definition of it (map type, key and value size,
+/// capacity, flags) and the recorded [`LAYOUT_VERSION`]; unpins the ones that differ so that the
+/// loader creates them afresh (aya would otherwise reuse a pin of any layout and the programs would
+/// misread it). Returns the names of the maps that will be re-created.
+pub fn check_map_layouts(pin_root: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    let obj = aya_obj::Object::parse(BPF_OBJECT)
+        .map_err(|e| Error::Datapath(format!("parse the datapath object: {e}")))?;
+    let maps_dir = pin_root.join("maps");
+    let recorded = std::fs::read_to_string(state_dir.join(LAYOUT_FILE))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let mut recreated = Vec::new();
+    for name in ALL_MAPS {
+        let pin = maps_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let def = obj
+            .maps
+            .get(name)
+            .ok_or_else(|| Error::Datapath(format!("map {name} missing from object")))?;
+        let why = match aya::maps::MapInfo::from_pin(&pin) {
+            Err(e) => Some(format!("unreadable pin: {e}")),
+            Ok(_) if recorded != Some(LAYOUT_VERSION) => Some(format!(
+                "pins written by layout {recorded:?}, this agent uses {LAYOUT_VERSION}"
+            )),
+            Ok(info) => {
+                let have = (
+                    info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+                    info.key_size(),
+                    info.value_size(),
+                    info.max_entries(),
+                    info.map_flags(),
+                );
+                let want = (
+                    def.map_type(),
+                    def.key_size(),
+                    def.value_size(),
+                    def.max_entries(),
+                    def.map_flags(),
+                );
+                (have != want).then(|| {
+                    format!("pinned (type, key, value, entries, flags) {have:?}, object {want:?}")
+                })
+            }
+        };
+        if let Some(why) = why {
+            tracing::warn!(map = name, reason = %why, "map layout differs; re-creating it");
+            std::fs::remove_file(&pin)
+                .map_err(|e| Error::io(format!("unpin {}", pin.display()), e))?;
+            recreated.push(name.to_string());
+        }
+    }
+    Ok(recreated)
+}
+
+/// The ipcache, opened from its pin: written by the routing reconciler (remote pod CIDRs → the
+/// node that hosts them).
+pub struct Ipcache {
+    map: LpmTrie<MapData, u32, IpcacheEntry>,
+}
+
+impl Ipcache {
+    pub fn open(pin_root: &Path) -> Result<Self> {
+        let data = MapData::from_pin(pin_root.join("maps").join(MAP_IPCACHE))?;
+        let map = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+        Ok(Ipcache { map })
+    }
+
+    fn key(cidr: &Ipv4Net) -> Key<u32> {
+        Key::new(
+            u32::from(cidr.prefix_len()),
+            u32::from_ne_bytes(cidr.network().octets()),
+        )
+    }
+
+    pub fn upsert(&mut self, cidr: &Ipv4Net, entry: IpcacheEntry) -> Result<()> {
+        self.map.insert(&Self::key(cidr), entry, 0)?;
+        Ok(())
+    }
+
+    pub fn remove(&mut self, cidr: &Ipv4Net) -> Result<()> {
+        match self.map.remove(&Self::key(cidr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every entry, by CIDR.
+    pub fn entries(&self) -> Result<BTreeMap<Ipv4Net, IpcacheEntry>> {
+        let mut out = BTreeMap::new();
+        for kv in self.map.iter() {
+            let (k, v) = kv?;
+            let addr = Ipv4Addr::from(k.data().to_ne_bytes());
+            let net = Ipv4Net::new(addr, k.prefix_len() as u8)
+                .map_err(|e| Error::Datapath(format!("bad ipcache key: {e}")))?;
+            out.insert(net, v);
+        }
+        Ok(out)
+    }
+}
+
 /// The real datapath.
 pub struct EbpfDatapath {
     _ebpf: Ebpf,
@@ -129,20 +252,25 @@ pub struct EbpfDatapath {
 impl EbpfDatapath {
     /// Loads or adopts the datapath under `pin_root`. `state_dir` remembers which object the pinned
     /// programs came from: pins of the same object are adopted; otherwise the programs are loaded
-    /// again and the pins replaced (maps, and so all endpoint entries, are always kept).
+    /// again and the pins replaced. Maps are kept across upgrades when their layout is unchanged;
+    /// a pinned map of another layout (see [`check_map_layouts`]) is unpinned and re-created, and
+    /// the programs are then reloaded too, so that nothing ever reads a map with the wrong layout.
+    /// Programs already attached keep the maps they were loaded with until the agent re-points
+    /// their filters (after repopulating the new maps), so traffic keeps flowing meanwhile.
     pub fn load(pin_root: &Path, state_dir: &Path, config: DatapathConfig) -> Result<Self> {
         let maps_dir = pin_root.join("maps");
         let progs_dir = pin_root.join("progs");
         prepare_pin_root(pin_root)?;
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
+        let recreated = check_map_layouts(pin_root, state_dir)?;
         let mut ebpf = EbpfLoader::new().map_pin_path(&maps_dir).load(BPF_OBJECT)?;
 
         let digest = format!("{:016x}", fnv64(BPF_OBJECT));
         let digest_file = state_dir.join("datapath-object");
         let same_object = std::fs::read_to_string(&digest_file).is_ok_and(|d| d.trim() == digest);
         let all_pinned = ALL_PROGRAMS.iter().all(|p| progs_dir.join(p).exists());
-        let adopted = same_object && all_pinned;
+        let adopted = same_object && all_pinned && recreated.is_empty();
         if !adopted {
             for name in ALL_PROGRAMS {
                 let prog: &mut SchedClassifier = ebpf
@@ -174,9 +302,13 @@ impl EbpfDatapath {
         let mut cfg: Array<MapData, DatapathConfig> =
             Array::try_from(take(&mut ebpf, MAP_CONFIG)?)?;
         cfg.set(0, config, 0)?;
+        let layout_file = state_dir.join(LAYOUT_FILE);
+        std::fs::write(&layout_file, LAYOUT_VERSION.to_string())
+            .map_err(|e| Error::io(format!("write {}", layout_file.display()), e))?;
         tracing::info!(
             pin_root = %pin_root.display(),
             adopted,
+            recreated_maps = ?recreated,
             "datapath {}",
             if adopted { "adopted from pins" } else { "loaded and pinned" }
         );
@@ -190,6 +322,83 @@ impl EbpfDatapath {
         })
     }
 
+    /// Attaches a device program (`berth_from_netdev` on the uplink's ingress, the overlay pair on
+    /// the VXLAN device), replacing an older one.
+    pub fn attach_device(&mut self, ifname: &str, role: DeviceRole) -> Result<()> {
+        let progs: &[(&'static str, TcAttachType)] = match role {
+            DeviceRole::Uplink => &[(PROG_FROM_NETDEV, TcAttachType::Ingress)],
+            DeviceRole::Overlay => &[
+                (PROG_FROM_OVERLAY, TcAttachType::Ingress),
+                (PROG_TO_OVERLAY, TcAttachType::Egress),
+            ],
+        };
+        self.attach_programs(ifname, progs)
+    }
+
+    fn attach_programs(
+        &mut self,
+        ifname: &str,
+        progs: &[(&'static str, TcAttachType)],
+    ) -> Result<()> {
+        // EEXIST when the interface already has the qdisc.
+        let _ = tc::qdisc_add_clsact(ifname);
+        for &(name, attach_type) in progs {
+            let prog = self.progs.get_mut(name).expect("program loaded");
+            let opts = TcAttachOptions::Netlink(NlOptions {
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE,
+            });
+            let id = match prog.attach_with_options(ifname, attach_type, opts) {
+                Ok(id) => id,
+                Err(create_err) => {
+                    // Already attached (agent restart, retry): atomically replace the program.
+                    let link =
+                        SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
+                            .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
+                    prog.attach_to_link(link).map_err(|e| {
+                        Error::Datapath(format!(
+                            "attach {name} to {ifname}: {create_err}; replace: {e}"
+                        ))
+                    })?
+                }
+            };
+            // The filter belongs to the interface: it must outlive this process (and goes away
+            // with the interface), so the link handle is deliberately not dropped (drop detaches).
+            std::mem::forget(prog.take_link(id)?);
+        }
+        Ok(())
+    }
+}
+
+/// Removes pins this version of the datapath does not use (maps and programs of older layouts).
+/// Call once every filter points at the current programs.
+pub fn retire_unused_pins(pin_root: &Path) -> Result<Vec<String>> {
+    {
+        let mut removed = Vec::new();
+        for (dir, keep) in [
+            (pin_root.join("maps"), &ALL_MAPS[..]),
+            (pin_root.join("progs"), &ALL_PROGRAMS[..]),
+        ] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name.as_str()) {
+                    std::fs::remove_file(e.path())
+                        .map_err(|err| Error::io(format!("remove {}", e.path().display()), err))?;
+                    removed.push(name);
+                }
+            }
+        }
+        if !removed.is_empty() {
+            tracing::info!(?removed, "retired pins of an older datapath");
+        }
+        Ok(removed)
+    }
+}
+
+impl EbpfDatapath {
     fn sum(&self, endpoint_id: u32, kind: u32) -> MetricValue {
         match self.metrics.get(&MetricKey { endpoint_id, kind }, 0) {
             Ok(per_cpu) => per_cpu
@@ -227,36 +436,13 @@ impl Datapath for EbpfDatapath {
     }
 
     fn attach(&mut self, ifname: &str) -> Result<()> {
-        // EEXIST when the interface already has the qdisc.
-        let _ = tc::qdisc_add_clsact(ifname);
-        for (name, attach_type) in [
-            (PROG_FROM_POD, TcAttachType::Ingress),
-            (PROG_TO_POD, TcAttachType::Egress),
-        ] {
-            let prog = self.progs.get_mut(name).expect("program loaded");
-            let opts = TcAttachOptions::Netlink(NlOptions {
-                priority: TC_PRIORITY,
-                handle: TC_HANDLE,
-            });
-            let id = match prog.attach_with_options(ifname, attach_type, opts) {
-                Ok(id) => id,
-                Err(create_err) => {
-                    // Already attached (agent restart, retry): atomically replace the program.
-                    let link =
-                        SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
-                            .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
-                    prog.attach_to_link(link).map_err(|e| {
-                        Error::Datapath(format!(
-                            "attach {name} to {ifname}: {create_err}; replace: {e}"
-                        ))
-                    })?
-                }
-            };
-            // The filter belongs to the interface: it must outlive this process (and goes away
-            // with the interface), so the link handle is deliberately not dropped (drop detaches).
-            std::mem::forget(prog.take_link(id)?);
-        }
-        Ok(())
+        self.attach_programs(
+            ifname,
+            &[
+                (PROG_FROM_POD, TcAttachType::Ingress),
+                (PROG_TO_POD, TcAttachType::Egress),
+            ],
+        )
     }
 
     fn stats(&self, endpoint_id: u32) -> Stats {

@@ -12,12 +12,14 @@
 pub mod cluster;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod datapath;
 pub mod error;
 pub mod ipam;
 pub mod links;
 pub mod lock;
 pub mod node;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod tunnel;

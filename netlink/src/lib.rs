@@ -351,7 +351,9 @@ impl Netlink {
             msg.attributes
                 .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
         }
-        msg.attributes.push(RouteAttribute::Oif(r.oif));
+        if r.oif != 0 {
+            msg.attributes.push(RouteAttribute::Oif(r.oif));
+        }
         self.request(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
@@ -375,7 +377,9 @@ impl Netlink {
 
     /// Deletes the main-table route to `dst/prefix` tagged `protocol`; `Ok(false)` when absent.
     pub fn delete_route(&mut self, dst: Ipv4Addr, prefix: u8, protocol: u8) -> io::Result<bool> {
-        let msg = Self::route_msg(dst, prefix, protocol);
+        let mut msg = Self::route_msg(dst, prefix, protocol);
+        // "Any scope", as `ip route del` asks: a link-scope route is not matched otherwise.
+        msg.header.scope = RouteScope::NoWhere;
         match self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_ACK) {
             Ok(_) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),

@@ -2,6 +2,7 @@
 //! namespaces, links, pin directories, loop devices, mounts) is owned by a guard that removes it on
 //! drop, also when the test fails.
 pub mod apiserver;
+pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod csi;

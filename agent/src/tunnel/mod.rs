@@ -81,8 +81,10 @@ pub struct TunnelArgs {
     /// When connected to `servercount` replicas, probe the address again this often.
     #[arg(long, default_value_t = 10_000)]
     pub tunnel_sync_interval_ms: u64,
-    /// The node's IP (agentidentifiers `ipv4`/`ipv6`, allow-list default).
-    #[arg(long)]
+    /// The node's IP on the private network: routing to other nodes' pods (IPv4), the tunnel's
+    /// agentidentifiers `ipv4`/`ipv6` and allow-list default. [default: the Node object's
+    /// InternalIP, else the uplink's first address]
+    #[arg(long, env = "BERTH_NODE_IP")]
     pub node_ip: Option<IpAddr>,
     /// OpenStack instance UUID (default: /var/lib/cloud/data/instance-id, else the node name).
     #[arg(long)]

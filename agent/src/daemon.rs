@@ -1,0 +1,381 @@
+//! The daemon: start-up order, the state-directory lock, the reconcile loops and signals
+//! (DESIGN §9). `berth-agent` is a thin binary over [`run`].
+//!
+//! Start-up order, and why:
+//! 1. lock the state directory — a second agent exits before touching pins or state;
+//! 2. start the state source and wait for its first full list — the pod CIDR, the node IP and the
+//!    peers come from it;
+//! 3. find the uplink, create or adopt the VXLAN device — the datapath configuration names them;
+//! 4. load or adopt the datapath (maps of another layout are re-created, see
+//!    [`crate::datapath::check_map_layouts`]);
+//! 5. write the routes and ipcache, then the endpoint entries, and only then re-point filters at
+//!    new programs — a freshly created map is full before any program reads it, so an upgrade
+//!    never drops established traffic;
+//! 6. serve the local API; reconcile routing on every model change (and every 30 s, to repair
+//!    what someone else changed); housekeeping; the tunnel.
+use crate::{
+    cluster::{self, ClusterModel},
+    config::{DEFAULT_POD_CIDR, Settings},
+    core::{AgentCore, CoreConfig},
+    datapath::{DeviceRole, EbpfDatapath, Ipcache},
+    error::{Error, Result},
+    lock::StateLock,
+    routing::{self, NodeRoute, Router, RoutingMode, Topology},
+    server,
+    store::Store,
+    tunnel,
+};
+use berth_ebpf_common::{DatapathConfig, routing_mode};
+use ipnet::Ipv4Net;
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tokio::sync::watch;
+
+/// Everything the daemon needs, resolved by the binary.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub settings: Settings,
+    pub source: cluster::SourceArgs,
+    pub tunnel: tunnel::TunnelArgs,
+    /// Between housekeeping passes (delete queue, vanished pods, expired allocations).
+    pub housekeeping_interval: Duration,
+    /// How long an address may stay allocated without becoming an endpoint.
+    pub allocation_lease: Duration,
+    /// How long to wait for the state source's first full list (and this node's pod CIDR).
+    pub source_timeout: Duration,
+}
+
+/// Routing's view of the model.
+pub fn node_routes(model: &ClusterModel) -> Vec<NodeRoute> {
+    model
+        .node_views()
+        .into_iter()
+        .map(|v| NodeRoute {
+            name: v.name,
+            pod_cidrs: v.pod_cidrs,
+            node_ip: v.internal_ip,
+        })
+        .collect()
+}
+
+/// Waits until the model is synced and, when `need_cidr`, this node has a pod CIDR in it.
+async fn wait_for_model(
+    rx: &mut watch::Receiver<Arc<ClusterModel>>,
+    node_name: &str,
+    need_cidr: bool,
+    timeout: Duration,
+) -> Result<Arc<ClusterModel>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_log = Instant::now();
+    loop {
+        let model = rx.borrow_and_update().clone();
+        let own = model.node_view(node_name);
+        let cidr_ok = !need_cidr || own.as_ref().is_some_and(|v| !v.pod_cidrs.is_empty());
+        if model.synced && cidr_ok {
+            return Ok(model);
+        }
+        if last_log.elapsed() > Duration::from_secs(10) {
+            tracing::info!(
+                synced = model.synced,
+                node_known = own.is_some(),
+                "waiting for the state source (this node's Node object and its spec.podCIDRs)"
+            );
+            last_log = Instant::now();
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Error::Config("the state source stopped".into())),
+            Err(_) => {
+                return Err(Error::Config(format!(
+                    "no pod CIDR for node {node_name} after {timeout:?}: the state source {} \
+                     (give --pod-cidr, or make sure the Node object exists and has spec.podCIDRs)",
+                    if model.synced {
+                        "has no such Node or it has no podCIDRs"
+                    } else {
+                        "did not finish its first list"
+                    }
+                )));
+            }
+        }
+    }
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> Error {
+    Error::Datapath(format!("start-up task failed: {e}"))
+}
+
+/// Runs the agent until SIGTERM (twice with a tunnel: drain, then exit).
+pub async fn run(opts: Options) -> Result<()> {
+    let s = opts.settings.clone();
+    let lock = StateLock::acquire(&s.state_dir)?;
+    tracing::info!(lock = %lock.path().display(), "state directory locked");
+
+    if s.ip_forward {
+        enable_ip_forward();
+    }
+
+    let mut models = cluster::start(&opts.source, &s.node_name).await?;
+    let has_source = opts.source.resolved() != cluster::SourceKind::None;
+    let model = wait_for_model(
+        &mut models,
+        &s.node_name,
+        has_source && s.pod_cidr.is_none(),
+        opts.source_timeout,
+    )
+    .await?;
+    let own = model.node_view(&s.node_name);
+    let pod_cidr: Ipv4Net = match (s.pod_cidr, own.as_ref().and_then(|v| v.pod_cidrs.first())) {
+        (Some(c), _) => c,
+        (None, Some(c)) => {
+            crate::ipam::validate_pod_cidr(c)?;
+            tracing::info!(pod_cidr = %c, "pod CIDR from the Node object");
+            *c
+        }
+        (None, None) => DEFAULT_POD_CIDR.parse().expect("default CIDR"),
+    };
+    let node_ip: Option<Ipv4Addr> = s.node_ip.or(own.as_ref().and_then(|v| v.internal_ip));
+
+    let start = {
+        let s = s.clone();
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || start_datapath(&s, pod_cidr, node_ip, &model))
+            .await
+            .map_err(blocking_err)??
+    };
+    let Started { core, router, mtu } = start;
+    tracing::info!(
+        node = %s.node_name,
+        %pod_cidr,
+        mode = %s.routing,
+        mtu,
+        uplink = ?router.topology().uplink.as_ref().map(|l| &l.name),
+        node_ip = ?router.topology().node_ip,
+        "node networking ready"
+    );
+    let router = Arc::new(Mutex::new(router));
+
+    let (del_tx, del_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
+    let core = Arc::new(core.with_link_deleter(Box::new(move |name, index| {
+        let _ = del_tx.send((name, index));
+    })));
+    let drained = core.drain_delete_queue(&s.cni_state_dir)?;
+    if drained > 0 {
+        tracing::info!(drained, "applied DELs queued while the agent was down");
+    }
+    tokio::spawn(crate::links::delete_links(del_rx));
+    tokio::spawn(routing_loop(
+        models,
+        router.clone(),
+        s.node_name.clone(),
+        pod_cidr,
+    ));
+    tokio::spawn(housekeeping_loop(
+        core.clone(),
+        s.cni_state_dir.clone(),
+        opts.housekeeping_interval,
+        opts.allocation_lease,
+    ));
+
+    let listener = server::bind(&s.socket).await?;
+    tracing::info!(socket = %s.socket.display(), "serving local API");
+
+    // The tunnel runs beside the local API when a server is given.
+    let (tunnel_tx, tunnel_rx) = tunnel::shutdown_channel();
+    let tunnel_task = (!opts.tunnel.servers.is_empty()).then(|| {
+        let basics = tunnel::NodeBasics {
+            node_name: s.node_name.clone(),
+            pod_cidr: Some(pod_cidr.into()),
+        };
+        let args = opts.tunnel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tunnel::run(args, basics, tunnel_rx).await {
+                tracing::error!("tunnel stopped: {e}");
+            }
+        })
+    });
+    let has_tunnel = tunnel_task.is_some();
+    let shutdown = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        if has_tunnel {
+            // First signal: DRAIN (no new dials, open streams finish); second: exit.
+            tracing::info!("draining the tunnel; signal again to stop");
+            let _ = tunnel_tx.send(tunnel::Shutdown::Drain);
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        let _ = tunnel_tx.send(tunnel::Shutdown::Exit);
+        tracing::info!("shutting down; the datapath stays pinned and attached");
+    };
+    server::serve(core, listener, shutdown).await?;
+    if let Some(t) = tunnel_task
+        && tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .is_err()
+    {
+        tracing::warn!("tunnel did not stop in time");
+    }
+    let _ = std::fs::remove_file(&s.socket);
+    drop(lock);
+    Ok(())
+}
+
+/// Forwarding must be on for pods to reach beyond this host (and for the FIB lookups of native
+/// routing). Some environments mount /proc/sys read-only (a kubelet-run container): then the
+/// current value decides whether that is a problem.
+fn enable_ip_forward() {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if let Err(e) = std::fs::write(PATH, "1") {
+        match std::fs::read_to_string(PATH) {
+            Ok(v) if v.trim() == "1" => {}
+            _ => tracing::warn!(
+                error = %e,
+                "cannot enable IPv4 forwarding and it is off: pods will reach only this host \
+                 (set net.ipv4.ip_forward=1 on the node)"
+            ),
+        }
+    }
+}
+
+struct Started {
+    core: AgentCore,
+    router: Router,
+    mtu: u32,
+}
+
+/// Steps 3-5 of the start-up order (blocking: netlink and bpf syscalls).
+fn start_datapath(
+    s: &Settings,
+    pod_cidr: Ipv4Net,
+    node_ip: Option<Ipv4Addr>,
+    model: &ClusterModel,
+) -> Result<Started> {
+    let topo = Topology::discover(s.routing, s.uplink.as_deref(), node_ip)?;
+    let mtu = s.mtu.unwrap_or(topo.pod_mtu);
+    let dp_cfg = DatapathConfig {
+        anti_spoof: 1,
+        routing_mode: match s.routing {
+            RoutingMode::Native => routing_mode::NATIVE,
+            RoutingMode::Vxlan => routing_mode::VXLAN,
+        },
+        vxlan_ifindex: topo.vxlan.as_ref().map_or(0, |l| l.index),
+        uplink_ifindex: topo.uplink.as_ref().map_or(0, |l| l.index),
+        node_ip: topo.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+        _pad: 0,
+    };
+    let mut dp = EbpfDatapath::load(&s.pin_root, &s.state_dir, dp_cfg)?;
+    let mut router = Router::new(topo.clone(), Ipcache::open(&s.pin_root)?)?;
+    let desired = routing::desired_remotes(&node_routes(model), &s.node_name, Some(pod_cidr));
+    let changes = router.reconcile(&desired)?;
+    tracing::info!(
+        ?changes,
+        remotes = desired.len(),
+        "routes to remote pods reconciled"
+    );
+    if let Some(up) = &topo.uplink {
+        dp.attach_device(&up.name, DeviceRole::Uplink)?;
+    }
+    if let Some(vx) = &topo.vxlan {
+        dp.attach_device(&vx.name, DeviceRole::Overlay)?;
+    }
+    let pin_root = s.pin_root.clone();
+    let store = Store::new(&s.state_dir, s.fsync)?;
+    let core = AgentCore::new(
+        CoreConfig {
+            node_name: s.node_name.clone(),
+            pod_cidr,
+            mtu,
+        },
+        store,
+        Box::new(dp),
+    )?;
+    // Every filter now points at the current programs and maps.
+    crate::datapath::retire_unused_pins(&pin_root)?;
+    Ok(Started { core, router, mtu })
+}
+
+/// Reconciles routes and tunnels on every model change, and every 30 s against drift.
+async fn routing_loop(
+    mut models: watch::Receiver<Arc<ClusterModel>>,
+    router: Arc<Mutex<Router>>,
+    node_name: String,
+    pod_cidr: Ipv4Net,
+) {
+    let mut applied_revision = models.borrow().revision;
+    loop {
+        let changed = tokio::select! {
+            r = models.changed() => {
+                if r.is_err() {
+                    tracing::warn!("state source stopped; routes stay as they are");
+                    return;
+                }
+                true
+            }
+            _ = tokio::time::sleep(Duration::from_secs(30)) => false,
+        };
+        let model = models.borrow_and_update().clone();
+        if changed && model.revision == applied_revision {
+            continue;
+        }
+        applied_revision = model.revision;
+        let desired = routing::desired_remotes(&node_routes(&model), &node_name, Some(pod_cidr));
+        let router = router.clone();
+        let started = Instant::now();
+        let res =
+            tokio::task::spawn_blocking(move || router.lock().unwrap().reconcile(&desired)).await;
+        match res {
+            Ok(Ok(ch)) if ch.is_empty() => {}
+            Ok(Ok(ch)) => tracing::info!(
+                added = ch.added,
+                updated = ch.updated,
+                removed = ch.removed,
+                revision = model.revision,
+                elapsed = ?started.elapsed(),
+                "routing reconciled"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "routing reconcile failed; retrying at the next change or in 30 s")
+            }
+            Err(e) => tracing::warn!(error = %e, "routing task failed"),
+        }
+    }
+}
+
+async fn housekeeping_loop(
+    core: Arc<AgentCore>,
+    queue_dir: std::path::PathBuf,
+    every: Duration,
+    lease: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let c = core.clone();
+        let d = queue_dir.clone();
+        // Queued DELs, endpoints whose pod vanished without one, allocations that never became
+        // endpoints.
+        let work = move || -> Result<(u64, u64, u64)> {
+            Ok((
+                c.drain_delete_queue(&d)?,
+                c.sweep_vanished()?,
+                c.reclaim_stale_allocations(lease)?,
+            ))
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(Ok((0, 0, 0))) => {}
+            Ok(Ok((drained, swept, reclaimed))) => {
+                tracing::info!(drained, swept, reclaimed, "housekeeping")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "housekeeping failed"),
+            Err(e) => tracing::warn!(error = %e, "housekeeping task failed"),
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! A multi-node cluster on one machine: every node is a network namespace with its own
+//! `berth-agent` (socket, state directory, pin root), joined by a "private network" — a bridge in a
+//! namespace of its own; a manifest directory plays the API server for all of them. Everything is
+//! owned by guards and removed on drop; traffic stays inside the namespaces made here.
+use crate::{
+    cni::{Node, Pod},
+    netns::{NetNs, run_ok, unique_name},
+};
+use serde_json::json;
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+/// The private network's prefix (inside the test's own namespaces only).
+pub const PRIVATE_NET: &str = "192.168.77";
+
+/// Routing mode of a test cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Native,
+    Vxlan,
+}
+
+impl Mode {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Vxlan => "vxlan",
+        }
+    }
+    /// The pod MTU the agent must derive from a 1500-byte uplink.
+    pub fn pod_mtu(self) -> u32 {
+        match self {
+            Mode::Native => 1500,
+            Mode::Vxlan => 1450,
+        }
+    }
+}
+
+/// One node of a [`Cluster`].
+pub struct ClusterNode {
+    pub node: Node,
+    pub name: String,
+    pub ip: String,
+    pub pod_cidr: String,
+}
+
+/// The cluster: private network, manifest directory, nodes.
+pub struct Cluster {
+    pub mode: Mode,
+    pub nodes: Vec<ClusterNode>,
+    pub manifests: tempfile::TempDir,
+    /// Declared last: dropped after the nodes (their veths go with their namespaces).
+    pub net: NetNs,
+}
+
+/// Node `i`'s address on the private network.
+pub fn node_ip(i: usize) -> String {
+    format!("{PRIVATE_NET}.{}", 10 + i)
+}
+
+/// Node `i`'s pod CIDR (as the controller manager would allocate it).
+pub fn pod_cidr(i: usize) -> String {
+    format!("10.2.{}.0/24", 10 + i)
+}
+
+/// A Node object as the API server would serve it.
+pub fn node_manifest(name: &str, ip: &str, cidr: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": ip},
+                {"type": "Hostname", "address": name}
+            ],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+}
+
+impl Cluster {
+    /// `n` nodes in routing mode `mode`, each with a running agent that takes its pod CIDR from
+    /// its Node object.
+    pub fn new(mode: Mode, n: usize) -> Cluster {
+        Self::with_agent_args(mode, n, &[])
+    }
+
+    pub fn with_agent_args(mode: Mode, n: usize, extra: &[&str]) -> Cluster {
+        let net = NetNs::new("bnet");
+        net.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        net.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        let manifests = tempfile::Builder::new()
+            .prefix("berth-manifests-")
+            .tempdir()
+            .expect("manifest dir");
+        let prefix = unique_name("k");
+        let names: Vec<String> = (0..n).map(|i| format!("{prefix}-n{i}")).collect();
+        // Every Node object exists before any agent starts (as on a real cluster, where the
+        // kubelet registers the node first).
+        let mut cluster = Cluster {
+            mode,
+            nodes: Vec::new(),
+            manifests,
+            net,
+        };
+        for (i, name) in names.iter().enumerate() {
+            cluster.write_node(name, &node_ip(i), &pod_cidr(i));
+        }
+        for (i, name) in names.into_iter().enumerate() {
+            let ns = NetNs::new("bk");
+            let bridge_side = unique_name("bv");
+            run_ok(Command::new("ip").args([
+                "-n",
+                &cluster.net.name,
+                "link",
+                "add",
+                &bridge_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
+            ]));
+            cluster
+                .net
+                .exec_ok(&["ip", "link", "set", &bridge_side, "master", "br0", "up"]);
+            let ip = node_ip(i);
+            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            let mut args: Vec<String> = vec![
+                "--manifests".into(),
+                cluster.manifests.path().display().to_string(),
+                "--routing".into(),
+                mode.flag().into(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let node = Node::build(ns, &name, None, &args);
+            cluster.nodes.push(ClusterNode {
+                node,
+                name,
+                ip,
+                pod_cidr: pod_cidr(i),
+            });
+        }
+        cluster
+    }
+
+    fn manifest_path(&self, name: &str) -> PathBuf {
+        self.manifests.path().join(format!("{name}.yaml"))
+    }
+
+    /// Writes (atomically) the Node object of `name`.
+    pub fn write_node(&self, name: &str, ip: &str, cidr: &str) {
+        let tmp = self.manifests.path().join(format!(".{name}.tmp"));
+        let yaml = serde_json::to_string_pretty(&node_manifest(name, ip, cidr)).unwrap();
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.manifest_path(name)).unwrap();
+    }
+
+    /// Removes node `i`'s Node object from the source.
+    pub fn remove_node_object(&self, i: usize) {
+        std::fs::remove_file(self.manifest_path(&self.nodes[i].name)).unwrap();
+    }
+
+    /// Puts node `i`'s Node object back.
+    pub fn restore_node_object(&self, i: usize) {
+        let n = &self.nodes[i];
+        self.write_node(&n.name, &n.ip, &n.pod_cidr);
+    }
+
+    /// Berth's routes (`proto 190`) in node `i`'s namespace, as `dst` strings.
+    pub fn berth_routes(&self, i: usize) -> Vec<String> {
+        let out = self.nodes[i]
+            .node
+            .ns
+            .exec_ok(&["ip", "-4", "route", "show", "proto", "190"]);
+        out.lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    /// Polls until node `i` has exactly the routes to `cidrs` (sorted compare), up to `within`.
+    pub fn wait_routes(&self, i: usize, cidrs: &[String], within: Duration) -> Vec<String> {
+        let mut want: Vec<String> = cidrs.to_vec();
+        want.sort();
+        let deadline = Instant::now() + within;
+        loop {
+            let mut have = self.berth_routes(i);
+            have.sort();
+            if have == want || Instant::now() > deadline {
+                return have;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Every other node's pod CIDR, as node `i` should route them.
+    pub fn remote_cidrs(&self, i: usize) -> Vec<String> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| n.pod_cidr.clone())
+            .collect()
+    }
+
+    /// A pod on node `i`: returns it and its address.
+    pub fn pod(&self, i: usize) -> (Pod, String) {
+        let pod = Pod::new();
+        let ip = self.nodes[i].node.add(&pod);
+        (pod, ip)
+    }
+}
+
+/// TTL of the first reply of `ping -c 1` from `from` to `ip`, if any.
+pub fn ping_ttl(from: &NetNs, ip: &str) -> Option<u32> {
+    let out = from.exec(&["ping", "-c", "1", "-W", "2", ip]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("ttl="))
+        .and_then(|t| t.parse().ok())
+}
+
+/// Pings until one reply comes back or `within` passes.
+pub fn ping_until(from: &NetNs, ip: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if from
+            .exec(&["ping", "-c", "1", "-W", "1", ip])
+            .status
+            .success()
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends one raw Ethernet frame out of `ifname` inside `ns` (AF_PACKET), as a misbehaving pod
+/// would.
+pub fn send_raw_frame(ns: &NetNs, ifname: &str, frame: &[u8]) {
+    let frame = frame.to_vec();
+    let ifname = ifname.to_string();
+    crate::cni::in_netns(ns, move || {
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let index = nix::net::if_::if_nametoindex(ifname.as_str()).expect("interface index");
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        unsafe { libc::close(fd) };
+        assert_eq!(n as usize, frame.len(), "sendto: {err}");
+    });
+}
+
+/// Receives frames on `ifname` inside `ns` for up to `within`, returning the first one `accept`
+/// takes.
+pub fn recv_raw_frame(
+    ns: &NetNs,
+    ifname: &str,
+    within: Duration,
+    send_first: Option<Vec<u8>>,
+    accept: impl Fn(&[u8]) -> bool + Send,
+) -> Option<Vec<u8>> {
+    let ifname = ifname.to_string();
+    crate::cni::in_netns(ns, move || {
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
+        assert!(fd >= 0);
+        let index = nix::net::if_::if_nametoindex(ifname.as_str()).expect("interface index");
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = index as i32;
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind AF_PACKET");
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        if let Some(frame) = send_first {
+            let mut to = addr;
+            to.sll_halen = 6;
+            to.sll_addr[..6].copy_from_slice(&frame[..6]);
+            unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&to as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+        }
+        let deadline = Instant::now() + within;
+        let mut buf = vec![0u8; 2048];
+        let mut found = None;
+        while Instant::now() < deadline {
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 && accept(&buf[..n as usize]) {
+                found = Some(buf[..n as usize].to_vec());
+                break;
+            }
+        }
+        unsafe { libc::close(fd) };
+        found
+    })
+}
+
+/// MAC address of `ifname` in `ns`.
+pub fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
+    // Not /sys/class/net: sysfs shows the namespace of whoever mounted it.
+    let out = ns.exec_ok(&["ip", "-o", "link", "show", ifname]);
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "link/ether");
+    let v: Vec<u8> = words
+        .next()
+        .expect("link/ether")
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+/// An ARP frame (`oper` 1 request, 2 reply) from `sha`/`spa` asking for `tpa`.
+pub fn arp_frame(oper: u16, sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&oper.to_be_bytes());
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa);
+    f
+}
+
+/// An ICMPv6 router advertisement frame from `src_mac` (checksum not computed: the datapath must
+/// drop it whatever it holds).
+pub fn ipv6_router_advertisement(src_mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 1]); // all-nodes multicast
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    let payload = [134u8, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]); // ICMPv6, hop limit 255
+    let mut src = [0u8; 16];
+    src[0] = 0xfe;
+    src[1] = 0x80;
+    src[15] = 1;
+    f.extend_from_slice(&src);
+    let mut dst = [0u8; 16];
+    dst[0] = 0xff;
+    dst[1] = 0x02;
+    dst[15] = 1;
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// An IPv4 ICMP echo request from `src` to `dst` with a correct header checksum.
+pub fn ipv4_echo(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let icmp = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 1, 0, 0];
+    let total = (20 + icmp.len()) as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The Internet checksum.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
