@@ -50,6 +50,8 @@ pub struct Node {
     agent: Option<Child>,
     /// Extra `berth-agent` arguments, passed on every (re)start.
     extra_args: Vec<String>,
+    /// `--node-name` of the agent.
+    pub node_name: String,
 }
 
 impl Node {
@@ -67,6 +69,14 @@ impl Node {
         require_root();
         let ns = NetNs::new("bn");
         ns.exec_ok(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
+        let name = ns.name.clone();
+        Self::build(ns, &name, Some(pod_cidr), args)
+    }
+
+    /// A node in the prepared namespace `ns`, its agent named `node_name`; `pod_cidr` `None`: the
+    /// agent takes it from its Node object (the state source must be among `args`).
+    pub fn build(ns: NetNs, node_name: &str, pod_cidr: Option<&str>, args: &[&str]) -> Self {
+        require_root();
         let dir = tempfile::Builder::new()
             .prefix("berth-node-")
             .tempdir()
@@ -76,9 +86,10 @@ impl Node {
             ns,
             dir,
             pin_root,
-            pod_cidr: pod_cidr.into(),
+            pod_cidr: pod_cidr.unwrap_or_default().into(),
             agent: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            node_name: node_name.into(),
         };
         node.start_agent();
         node
@@ -117,14 +128,13 @@ impl Node {
             .arg("--pin-root")
             .arg(&self.pin_root)
             .args(["--housekeeping-interval", "1"])
-            .args([
-                "--pod-cidr",
-                &self.pod_cidr,
-                "--node-name",
-                &self.ns.name,
-                "--log",
-                "info",
-            ])
+            .args(["--node-name", &self.node_name, "--log", "info"])
+            .args(
+                (!self.pod_cidr.is_empty())
+                    .then_some(["--pod-cidr", self.pod_cidr.as_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
