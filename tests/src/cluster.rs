@@ -68,6 +68,11 @@ pub fn pod_cidr(i: usize) -> String {
 
 /// A Node object as the API server would serve it.
 pub fn node_manifest(name: &str, ip: &str, cidr: &str) -> serde_json::Value {
+    node_manifest_with(name, ip, cidr, true)
+}
+
+/// [`node_manifest`] with the Ready condition's status.
+pub fn node_manifest_with(name: &str, ip: &str, cidr: &str, ready: bool) -> serde_json::Value {
     json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -78,7 +83,7 @@ pub fn node_manifest(name: &str, ip: &str, cidr: &str) -> serde_json::Value {
                 {"type": "InternalIP", "address": ip},
                 {"type": "Hostname", "address": name}
             ],
-            "conditions": [{"type": "Ready", "status": "True"}]
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
         }
     })
 }
@@ -159,8 +164,14 @@ impl Cluster {
 
     /// Writes (atomically) the Node object of `name`.
     pub fn write_node(&self, name: &str, ip: &str, cidr: &str) {
+        self.write_node_with(name, ip, cidr, true);
+    }
+
+    /// Writes (atomically) the Node object of `name` with its readiness.
+    pub fn write_node_with(&self, name: &str, ip: &str, cidr: &str, ready: bool) {
         let tmp = self.manifests.path().join(format!(".{name}.tmp"));
-        let yaml = serde_json::to_string_pretty(&node_manifest(name, ip, cidr)).unwrap();
+        let yaml =
+            serde_json::to_string_pretty(&node_manifest_with(name, ip, cidr, ready)).unwrap();
         std::fs::write(&tmp, yaml).unwrap();
         std::fs::rename(&tmp, self.manifest_path(name)).unwrap();
     }

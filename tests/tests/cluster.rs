@@ -203,6 +203,25 @@ fn pods_talk_across_nodes(mode: Mode) {
             );
         }
     }
+    // IPv4 options (record route) and fragments (a datagram larger than the MTU) cross nodes.
+    let rr = pods[0]
+        .0
+        .ns
+        .exec(&["ping", "-c", "1", "-W", "2", "-R", &pods[1].1]);
+    assert!(
+        rr.status.success(),
+        "{mode:?}: ping with IP options: {}",
+        String::from_utf8_lossy(&rr.stdout)
+    );
+    let frag = pods[2]
+        .0
+        .ns
+        .exec(&["ping", "-c", "2", "-W", "2", "-s", "4000", &pods[0].1]);
+    assert!(
+        frag.status.success(),
+        "{mode:?}: fragmented ping: {}",
+        String::from_utf8_lossy(&frag.stdout)
+    );
     // The host reaches remote pods too (kernel routes).
     assert!(ping_until(
         &c.nodes[0].node.ns,
@@ -313,6 +332,158 @@ fn native_node_removed_from_source_loses_routes_and_gets_them_back() {
 #[test]
 fn vxlan_node_removed_from_source_loses_tunnel_and_gets_it_back() {
     node_leaves_and_returns(Mode::Vxlan);
+}
+
+#[test]
+fn node_ip_change_moves_the_route_and_not_ready_keeps_it() {
+    for mode in [Mode::Native, Mode::Vxlan] {
+        let c = Cluster::new(mode, 3);
+        let (p0, _) = c.pod(0);
+        let (_p2, ip2) = c.pod(2);
+        assert!(ping_until(&p0.ns, &ip2, Duration::from_secs(5)));
+        // Node 2 moves to another address of the private network.
+        let new_ip = format!("{}.{}", berth_tests::cluster::PRIVATE_NET, 52);
+        c.nodes[2]
+            .node
+            .ns
+            .exec_ok(&["ip", "addr", "add", &format!("{new_ip}/24"), "dev", "eth0"]);
+        c.write_node(&c.nodes[2].name, &new_ip, &c.nodes[2].pod_cidr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let via_new = |c: &Cluster| match mode {
+            Mode::Native => c.nodes[0]
+                .node
+                .ns
+                .exec_ok(&["ip", "route", "show", &c.nodes[2].pod_cidr])
+                .contains(&new_ip),
+            Mode::Vxlan => {
+                let out = std::process::Command::new("bpftool")
+                    .args(["-j", "map", "dump", "pinned"])
+                    .arg(c.nodes[0].node.pin_root.join("maps/BERTH_IPCACHE"))
+                    .output()
+                    .unwrap();
+                // The tunnel endpoint bytes of the new address (network order).
+                let want: Vec<String> = new_ip
+                    .parse::<Ipv4Addr>()
+                    .unwrap()
+                    .octets()
+                    .iter()
+                    .map(|b| format!("0x{b:02x}"))
+                    .collect();
+                String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!("\"value\":[\"{}\"", want.join("\",\"")))
+            }
+        };
+        while !via_new(&c) {
+            assert!(
+                Instant::now() < deadline,
+                "{mode:?}: node 0 still reaches node 2 at its old address"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        assert!(ping_until(&p0.ns, &ip2, Duration::from_secs(5)));
+        // A NotReady node keeps its routes: its pods may still run.
+        c.write_node_with(
+            &c.nodes[1].name,
+            &c.nodes[1].ip,
+            &c.nodes[1].pod_cidr,
+            false,
+        );
+        let (_p1, ip1) = c.pod(1);
+        std::thread::sleep(Duration::from_millis(500));
+        let mut all = c.remote_cidrs(0);
+        all.sort();
+        let mut have = c.berth_routes(0);
+        have.sort();
+        assert_eq!(have, all, "{mode:?}: routes after node 1 became NotReady");
+        assert!(ping_until(&p0.ns, &ip1, Duration::from_secs(5)));
+    }
+}
+
+/// The agent with the Kubernetes API as its source (kube-rs against the test API server, which
+/// listens inside the node's namespace): pod CIDR from its Node object, routes from Node events,
+/// an API server restart.
+#[test]
+fn agent_follows_the_kubernetes_api() {
+    use berth_tests::{apiserver::ApiServer, cluster::node_manifest, cni::in_netns};
+    let ns = NetNs::new("bka");
+    ns.exec_ok(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+    ns.exec_ok(&["ip", "addr", "add", "192.168.77.10/24", "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0p", "up"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Bound inside the node's namespace: the agent reaches it on its own loopback.
+    let api = in_netns(&ns, || rt.block_on(ApiServer::start()));
+    api.apply(node_manifest("kn0", "192.168.77.10", "10.2.30.0/24"));
+    api.apply(node_manifest("kn1", "192.168.77.11", "10.2.31.0/24"));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let node = berth_tests::cni::Node::build(
+        ns,
+        "kn0",
+        None,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--routing",
+            "native",
+        ],
+    );
+    let st = node.berthctl(&["status"]);
+    assert_eq!(st["ipam"]["podCidr"], "10.2.30.0/24", "{st}");
+    let routes = |want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = node
+                .ns
+                .exec_ok(&["ip", "-4", "route", "show", "proto", "190"]);
+            let mut have: Vec<String> = out
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                .collect();
+            have.sort();
+            if have == want || Instant::now() > deadline {
+                return have;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    };
+    assert_eq!(routes(&["10.2.31.0/24"]), ["10.2.31.0/24"]);
+    api.apply(node_manifest("kn2", "192.168.77.12", "10.2.32.0/24"));
+    assert_eq!(
+        routes(&["10.2.31.0/24", "10.2.32.0/24"]),
+        ["10.2.31.0/24", "10.2.32.0/24"]
+    );
+    api.delete("Node", None, "kn1");
+    assert_eq!(routes(&["10.2.32.0/24"]), ["10.2.32.0/24"]);
+    // The API server restarts (every connection dropped); changes made meanwhile still arrive.
+    in_netns(&node.ns, || rt.block_on(api.stop()));
+    api.apply(node_manifest("kn3", "192.168.77.13", "10.2.33.0/24"));
+    in_netns(&node.ns, || rt.block_on(api.resume()));
+    assert_eq!(
+        routes(&["10.2.32.0/24", "10.2.33.0/24"]),
+        ["10.2.32.0/24", "10.2.33.0/24"],
+        "{}",
+        node.log_tail()
+    );
+    // Pods get addresses from the Node's pod CIDR.
+    let pod = Pod::new();
+    let ip: Ipv4Addr = node.add(&pod).parse().unwrap();
+    assert!(
+        "10.2.30.0/24"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(&ip),
+        "{ip}"
+    );
+    drop(node);
+    drop(api);
 }
 
 #[test]

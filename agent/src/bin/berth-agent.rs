@@ -30,7 +30,8 @@ struct Cli {
     housekeeping_interval: u64,
     /// Seconds an address may stay allocated without becoming an endpoint (the plugin was killed
     /// mid-ADD and the runtime sends no GC) before it is reclaimed.
-    #[arg(long, env = "BERTH_ALLOCATION_LEASE", default_value_t = DEFAULT_ALLOCATION_LEASE.as_secs())]
+    #[arg(long, env = "BERTH_ALLOCATION_LEASE", default_value_t = DEFAULT_ALLOCATION_LEASE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
     allocation_lease: u64,
     /// Seconds to wait at start-up for the state source's first list and this node's pod CIDR.
     #[arg(long, env = "BERTH_SOURCE_TIMEOUT", default_value_t = 120)]
@@ -61,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         source: cli.source,
         tunnel: cli.tunnel,
         housekeeping_interval: Duration::from_secs(cli.housekeeping_interval.max(1)),
-        allocation_lease: Duration::from_secs(cli.allocation_lease.max(1)),
+        allocation_lease: Duration::from_secs(cli.allocation_lease),
         source_timeout: Duration::from_secs(cli.source_timeout.max(1)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
