@@ -10,12 +10,19 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 [[ -f "$HOME/.cargo/env" ]] && . "$HOME/.cargo/env"
 if [[ $EUID -ne 0 ]]; then echo "scripts/demo.sh must run as root" >&2; exit 1; fi
+# Usage: scripts/demo.sh [native|vxlan]: how the demo cluster routes pods between its three nodes
+# (default $BERTH_DEMO_ROUTING, else native).
+MODE="${1:-${BERTH_DEMO_ROUTING:-native}}"
+case "$MODE" in
+  native | vxlan) ;;
+  *) echo "usage: scripts/demo.sh [native|vxlan]" >&2; exit 2 ;;
+esac
 
 bash scripts/bootstrap.sh
 cargo build --workspace --bins --locked
 BIN="$(pwd)/target/debug"
 
-bash scripts/demo-network.sh "$BIN"
+bash scripts/demo-network.sh "$BIN" "$MODE"
 for part in tunnel csi; do
   if [[ -x scripts/demo-$part.sh ]]; then
     printf '\n\033[1m######## %s ########\033[0m\n' "$part"
