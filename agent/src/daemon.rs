@@ -119,22 +119,44 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let mut models = cluster::start(&opts.source, &s.node_name).await?;
     let has_source = opts.source.resolved() != cluster::SourceKind::None;
-    let model = wait_for_model(
-        &mut models,
-        &s.node_name,
-        has_source && s.pod_cidr.is_none(),
-        opts.source_timeout,
-    )
-    .await?;
+    // The CIDR this node used before (an agent restart while the API server is unreachable must
+    // not stop the node from serving its pods).
+    let stored_cidr: Option<Ipv4Net> = Store::new(&s.state_dir, s.fsync)?
+        .load()?
+        .pod_cidr
+        .parse()
+        .ok();
+    let need_cidr = has_source && s.pod_cidr.is_none();
+    let wait = if need_cidr && stored_cidr.is_none() {
+        opts.source_timeout
+    } else {
+        opts.source_timeout.min(Duration::from_secs(5))
+    };
+    let model = match wait_for_model(&mut models, &s.node_name, need_cidr, wait).await {
+        Ok(m) => m,
+        Err(e) if !need_cidr || stored_cidr.is_some() => {
+            tracing::warn!(error = %e, "starting without a complete view of the cluster; routes to other nodes stay as they are until the state source has synced");
+            models.borrow().clone()
+        }
+        Err(e) => return Err(e),
+    };
     let own = model.node_view(&s.node_name);
-    let pod_cidr: Ipv4Net = match (s.pod_cidr, own.as_ref().and_then(|v| v.pod_cidrs.first())) {
-        (Some(c), _) => c,
-        (None, Some(c)) => {
+    let pod_cidr: Ipv4Net = match (
+        s.pod_cidr,
+        own.as_ref().and_then(|v| v.pod_cidrs.first()),
+        stored_cidr,
+    ) {
+        (Some(c), _, _) => c,
+        (None, Some(c), _) => {
             crate::ipam::validate_pod_cidr(c)?;
             tracing::info!(pod_cidr = %c, "pod CIDR from the Node object");
             *c
         }
-        (None, None) => DEFAULT_POD_CIDR.parse().expect("default CIDR"),
+        (None, None, Some(c)) if has_source => {
+            tracing::warn!(pod_cidr = %c, "pod CIDR from the agent's state (the Node object is not available yet)");
+            c
+        }
+        (None, None, _) => DEFAULT_POD_CIDR.parse().expect("default CIDR"),
     };
     let node_ip: Option<Ipv4Addr> = s.node_ip.or(own.as_ref().and_then(|v| v.internal_ip));
 
@@ -175,6 +197,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tokio::spawn(housekeeping_loop(
         core.clone(),
         s.cni_state_dir.clone(),
+        (s.pin_root.clone(), s.state_dir.clone()),
         opts.housekeeping_interval,
         opts.allocation_lease,
     ));
@@ -272,15 +295,18 @@ fn start_datapath(
         node_ip: topo.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
         _pad: 0,
     };
-    let mut dp = EbpfDatapath::load(&s.pin_root, &s.state_dir, dp_cfg)?;
+    let mut dp = EbpfDatapath::load(&s.pin_root, &s.state_dir, dp_cfg, s.tc_attach)?;
     let mut router = Router::new(topo.clone(), Ipcache::open(&s.pin_root)?)?;
-    let desired = routing::desired_remotes(&node_routes(model), &s.node_name, Some(pod_cidr));
-    let changes = router.reconcile(&desired)?;
-    tracing::info!(
-        ?changes,
-        remotes = desired.len(),
-        "routes to remote pods reconciled"
-    );
+    // Only a synced model is the truth: reconciling an empty one would remove every route.
+    if model.synced {
+        let desired = routing::desired_remotes(&node_routes(model), &s.node_name, Some(pod_cidr));
+        let changes = router.reconcile(&desired)?;
+        tracing::info!(
+            ?changes,
+            remotes = desired.len(),
+            "routes to remote pods reconciled"
+        );
+    }
     if let Some(up) = &topo.uplink {
         dp.attach_device(&up.name, DeviceRole::Uplink)?;
     }
@@ -323,7 +349,7 @@ async fn routing_loop(
             _ = tokio::time::sleep(Duration::from_secs(30)) => false,
         };
         let model = models.borrow_and_update().clone();
-        if changed && model.revision == applied_revision {
+        if (changed && model.revision == applied_revision) || !model.synced {
             continue;
         }
         applied_revision = model.revision;
@@ -353,6 +379,7 @@ async fn routing_loop(
 async fn housekeeping_loop(
     core: Arc<AgentCore>,
     queue_dir: std::path::PathBuf,
+    (pin_root, state_dir): (std::path::PathBuf, std::path::PathBuf),
     every: Duration,
     lease: Duration,
 ) {
@@ -360,19 +387,21 @@ async fn housekeeping_loop(
         tokio::time::sleep(every).await;
         let c = core.clone();
         let d = queue_dir.clone();
+        let (p, s) = (pin_root.clone(), state_dir.clone());
         // Queued DELs, endpoints whose pod vanished without one, allocations that never became
-        // endpoints.
-        let work = move || -> Result<(u64, u64, u64)> {
+        // endpoints, pins of TCX links whose interface is gone.
+        let work = move || -> Result<(u64, u64, u64, usize)> {
             Ok((
                 c.drain_delete_queue(&d)?,
                 c.sweep_vanished()?,
                 c.reclaim_stale_allocations(lease)?,
+                crate::datapath::prune_link_pins(&p, &s)?.len(),
             ))
         };
         match tokio::task::spawn_blocking(work).await {
-            Ok(Ok((0, 0, 0))) => {}
-            Ok(Ok((drained, swept, reclaimed))) => {
-                tracing::info!(drained, swept, reclaimed, "housekeeping")
+            Ok(Ok((0, 0, 0, 0))) => {}
+            Ok(Ok((drained, swept, reclaimed, pruned_link_pins))) => {
+                tracing::info!(drained, swept, reclaimed, pruned_link_pins, "housekeeping")
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "housekeeping failed"),
             Err(e) => tracing::warn!(error = %e, "housekeeping task failed"),

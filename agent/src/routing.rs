@@ -135,6 +135,14 @@ impl Topology {
         let addrs = nl.all_addresses().map_err(nl_err("list addresses"))?;
         let links = nl.links().map_err(nl_err("list links"))?;
         let by_index = |i: u32| links.iter().find(|l| l.index == i).cloned();
+        // Without a node IP (the Node object is not available yet), the routes an earlier agent
+        // installed name it as their source.
+        let node_ip = node_ip.or_else(|| {
+            let ours = nl.routes(Some(ROUTE_PROTOCOL)).ok()?;
+            let ip = ours.iter().find_map(|(r, _)| r.src)?;
+            tracing::info!(node_ip = %ip, "node IP taken from the routes an earlier agent installed");
+            Some(ip)
+        });
         let up = if let Some(name) = uplink {
             links
                 .iter()

@@ -437,7 +437,7 @@ fn agent_follows_the_kubernetes_api() {
     );
     let st = node.berthctl(&["status"]);
     assert_eq!(st["ipam"]["podCidr"], "10.2.30.0/24", "{st}");
-    let routes = |want: &[&str]| {
+    fn berth_routes(node: &berth_tests::cni::Node, want: &[&str]) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let out = node
@@ -453,21 +453,23 @@ fn agent_follows_the_kubernetes_api() {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-    };
-    assert_eq!(routes(&["10.2.31.0/24"]), ["10.2.31.0/24"]);
+    }
+    let mut node = node;
+    let routes = |node: &berth_tests::cni::Node, want: &[&str]| berth_routes(node, want);
+    assert_eq!(routes(&node, &["10.2.31.0/24"]), ["10.2.31.0/24"]);
     api.apply(node_manifest("kn2", "192.168.77.12", "10.2.32.0/24"));
     assert_eq!(
-        routes(&["10.2.31.0/24", "10.2.32.0/24"]),
+        routes(&node, &["10.2.31.0/24", "10.2.32.0/24"]),
         ["10.2.31.0/24", "10.2.32.0/24"]
     );
     api.delete("Node", None, "kn1");
-    assert_eq!(routes(&["10.2.32.0/24"]), ["10.2.32.0/24"]);
+    assert_eq!(routes(&node, &["10.2.32.0/24"]), ["10.2.32.0/24"]);
     // The API server restarts (every connection dropped); changes made meanwhile still arrive.
     in_netns(&node.ns, || rt.block_on(api.stop()));
     api.apply(node_manifest("kn3", "192.168.77.13", "10.2.33.0/24"));
     in_netns(&node.ns, || rt.block_on(api.resume()));
     assert_eq!(
-        routes(&["10.2.32.0/24", "10.2.33.0/24"]),
+        routes(&node, &["10.2.32.0/24", "10.2.33.0/24"]),
         ["10.2.32.0/24", "10.2.33.0/24"],
         "{}",
         node.log_tail()
@@ -481,6 +483,33 @@ fn agent_follows_the_kubernetes_api() {
             .unwrap()
             .contains(&ip),
         "{ip}"
+    );
+    // The agent restarts while the API server is down: it serves with the pod CIDR it had and
+    // leaves the routes alone (an unsynced, empty view must not remove them).
+    in_netns(&node.ns, || rt.block_on(api.stop()));
+    node.stop_agent(nix::sys::signal::Signal::SIGKILL);
+    node.start_agent();
+    let st = node.berthctl(&["status"]);
+    assert_eq!(st["ipam"]["podCidr"], "10.2.30.0/24", "{st}");
+    assert_eq!(
+        routes(&node, &["10.2.32.0/24", "10.2.33.0/24"]),
+        ["10.2.32.0/24", "10.2.33.0/24"],
+        "{}",
+        std::fs::read_to_string(node.agent_log())
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("kube_client") && !l.contains("watch of"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(node.log_tail().contains("pod CIDR from the agent's state"));
+    api.delete("Node", None, "kn3");
+    in_netns(&node.ns, || rt.block_on(api.resume()));
+    assert_eq!(
+        routes(&node, &["10.2.32.0/24"]),
+        ["10.2.32.0/24"],
+        "{}",
+        node.log_tail()
     );
     drop(node);
     drop(api);
