@@ -1,6 +1,7 @@
 //! Agent settings: command-line flags and `BERTH_*` environment variables override the TOML file
 //! (`/etc/berth/agent.toml` by default), which overrides built-in defaults (DESIGN §5).
 use crate::{
+    datapath::TcAttach,
     error::{Error, Result},
     routing::RoutingMode,
 };
@@ -61,6 +62,10 @@ pub struct AgentArgs {
     /// Node name reported in status. [default: the host name]
     #[arg(long, env = "BERTH_NODE_NAME")]
     pub node_name: Option<String>,
+    /// How tc programs attach: `tcx` (bpf_links, Linux 6.6+), `netlink` (clsact filters, the
+    /// fallback for older kernels) or `auto` (TCX when the kernel has it). [default: auto]
+    #[arg(long, env = "BERTH_TC_ATTACH", value_enum)]
+    pub tc_attach: Option<TcAttach>,
     /// Do not fsync the state file after each change (faster, not power-loss safe).
     #[arg(long)]
     pub no_fsync: bool,
@@ -84,6 +89,7 @@ struct FileConfig {
     routing: Option<RoutingMode>,
     uplink: Option<String>,
     node_ip: Option<Ipv4Addr>,
+    tc_attach: Option<TcAttach>,
 }
 
 /// Resolved settings.
@@ -103,6 +109,7 @@ pub struct Settings {
     pub routing: RoutingMode,
     pub uplink: Option<String>,
     pub node_ip: Option<Ipv4Addr>,
+    pub tc_attach: TcAttach,
 }
 
 impl AgentArgs {
@@ -164,6 +171,7 @@ impl AgentArgs {
             routing: self.routing.or(file.routing).unwrap_or_default(),
             uplink: self.uplink.clone().or(file.uplink),
             node_ip: self.node_ip.or(file.node_ip),
+            tc_attach: self.tc_attach.or(file.tc_attach).unwrap_or_default(),
         })
     }
 }
@@ -203,6 +211,15 @@ mod tests {
                 .to_string()
                 .contains("10.3.0.0/16")
         );
+        std::fs::write(&f, "tc-attach = \"netlink\"\n").unwrap();
+        assert_eq!(args.resolve().unwrap().tc_attach, TcAttach::Netlink);
+        let forced = AgentArgs {
+            tc_attach: Some(TcAttach::Tcx),
+            ..args.clone()
+        };
+        assert_eq!(forced.resolve().unwrap().tc_attach, TcAttach::Tcx);
+        std::fs::write(&f, "tc-attach = \"sometimes\"\n").unwrap();
+        assert!(args.resolve().is_err());
         std::fs::write(&f, "bogus = 1\n").unwrap();
         assert!(args.resolve().is_err());
         let missing = AgentArgs {
@@ -229,5 +246,6 @@ mod tests {
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(s.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
         assert!(s.fsync && s.ip_forward);
+        assert_eq!(s.tc_attach, TcAttach::Auto);
     }
 }

@@ -1,10 +1,23 @@
 //! The eBPF datapath: loads Berth's tc programs, pins programs and maps under the pin root, adopts
 //! existing pins on restart, attaches programs to pods' host-side veths, and reads counters.
 //!
-//! Pins: `<pin root>/maps/<MAP>` (maps declared `pinned` in the object, reused by name) and
-//! `<pin root>/progs/<program>`. tc filters are attached through netlink (clsact, fixed priority
-//! and handle), so they belong to the interface, not to this process: a killed agent leaves the
-//! datapath running, and the restarted agent adopts the pinned programs and maps.
+//! Pins: `<pin root>/maps/<MAP>` (maps declared `pinned` in the object, reused by name),
+//! `<pin root>/progs/<program>` and, with TCX, `<pin root>/links/<ifname>:<ingress|egress>`
+//! (bpffs refuses dots in names, so a `.` of the interface name is written `:`, which interface
+//! names cannot contain).
+//!
+//! tc programs attach in one of two ways ([`TcAttach`], DESIGN §8):
+//! - TCX (kernel ≥ 6.6): one bpf_link per hook, created first in the hook's order and pinned, so
+//!   it outlives this process; a restarted agent adopts it, and after a program reload it is
+//!   re-pointed at the new program with `BPF_LINK_UPDATE` (atomic: no moment without a program).
+//! - netlink tc (the fallback, down to the 5.15 floor): a clsact filter with a fixed priority and
+//!   handle, owned by the interface; replaced atomically (`NLM_F_REPLACE`) after a reload.
+//!
+//! Either way a killed agent leaves the datapath running. Switching from one to the other attaches
+//! the new program before removing the old one (a TCX program that returns a verdict makes the
+//! kernel skip the clsact filters, so the overlap is harmless), leaving one program per hook. Link
+//! pins of interfaces that were deleted (the link is then defunct, ifindex 0) are removed by
+//! [`prune_link_pins`] in the daemon's housekeeping.
 use crate::error::{Error, Result};
 use aya::{
     Ebpf, EbpfLoader,
@@ -13,7 +26,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        SchedClassifier, TcAttachType,
+        LinkOrder, MultiProgLink, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
 };
@@ -25,6 +39,7 @@ use berth_ebpf_common::{
 use ipnet::Ipv4Net;
 use std::{
     collections::BTreeMap,
+    io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -36,6 +51,298 @@ pub static BPF_OBJECT: &[u8] =
 /// tc priority and handle of Berth's filters.
 const TC_PRIORITY: u16 = 1;
 const TC_HANDLE: u32 = 1;
+
+/// How tc programs are attached (`--tc-attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TcAttach {
+    /// TCX when the kernel has it (6.6+), netlink tc otherwise.
+    #[default]
+    Auto,
+    /// TCX bpf_links only; start-up fails on a kernel without TCX.
+    Tcx,
+    /// netlink tc (clsact filters) only: the fallback for kernels before 6.6.
+    Netlink,
+}
+
+impl std::fmt::Display for TcAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TcAttach::Auto => "auto",
+            TcAttach::Tcx => "tcx",
+            TcAttach::Netlink => "netlink",
+        })
+    }
+}
+
+/// The attachment mechanism in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    Tcx,
+    Netlink,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Tcx => "tcx",
+            Mechanism::Netlink => "netlink",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "tcx" => Some(Mechanism::Tcx),
+            "netlink" => Some(Mechanism::Netlink),
+            _ => None,
+        }
+    }
+}
+
+/// File in the state directory naming the mechanism every pod hook was last switched to
+/// completely (absent: an agent from before TCX, i.e. netlink).
+pub const TC_ATTACH_FILE: &str = "datapath-tc-attach";
+/// The mechanism a starting agent switches to; renamed to [`TC_ATTACH_FILE`] by the first
+/// housekeeping pass (start-up has then re-attached every endpoint), so a switch interrupted by a
+/// crash is redone at the next start.
+const TC_ATTACH_PENDING: &str = "datapath-tc-attach.pending";
+
+/// Directory of TCX link pins under the pin root.
+const LINKS_DIR: &str = "links";
+
+/// True for errors that mean "this kernel has no TCX" (rather than a failure of this attach).
+fn is_unsupported(e: &io::Error) -> bool {
+    const ENOTSUPP: i32 = 524; // the kernel's internal "not supported", seen by user space
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)
+    )
+}
+
+/// Decides the mechanism for `setting` by asking the kernel for the TCX programs of `lo`'s ingress
+/// (no side effects; kernels before 6.6 refuse the attach type with EINVAL). Returns the mechanism
+/// and why it was chosen.
+fn choose_mechanism(setting: TcAttach) -> Result<(Mechanism, String)> {
+    let probe = || -> std::result::Result<(), io::Error> {
+        match SchedClassifier::query_tcx("lo", TcAttachType::Ingress) {
+            Ok(_) => Ok(()),
+            Err(aya::programs::ProgramError::SyscallError(e)) => Err(e.io_error),
+            Err(e) => Err(io::Error::other(e.to_string())),
+        }
+    };
+    match setting {
+        TcAttach::Netlink => Ok((
+            Mechanism::Netlink,
+            "netlink tc forced by --tc-attach netlink".into(),
+        )),
+        TcAttach::Tcx => match probe() {
+            Ok(()) => Ok((Mechanism::Tcx, "TCX forced by --tc-attach tcx".into())),
+            Err(e) => Err(Error::Config(format!(
+                "--tc-attach tcx: this kernel does not attach tc programs as bpf_links ({e}); \
+                 TCX needs Linux 6.6 (use --tc-attach auto or netlink)"
+            ))),
+        },
+        TcAttach::Auto => match probe() {
+            Ok(()) => Ok((Mechanism::Tcx, "TCX supported by this kernel".into())),
+            Err(e) if is_unsupported(&e) => Ok((
+                Mechanism::Netlink,
+                format!("TCX unsupported: {e}; using netlink tc"),
+            )),
+            Err(e) => Ok((
+                Mechanism::Netlink,
+                format!("TCX probe failed: {e}; using netlink tc"),
+            )),
+        },
+    }
+}
+
+/// Raw `bpf(2)` commands aya 0.13 does not expose publicly (its own wrappers are crate-private).
+mod sys {
+    use std::{
+        io,
+        os::fd::{AsRawFd, BorrowedFd},
+    };
+
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    /// `enum bpf_attach_type`'s BPF_TCX_INGRESS and BPF_TCX_EGRESS.
+    pub const BPF_TCX_INGRESS: u32 = 46;
+    pub const BPF_TCX_EGRESS: u32 = 47;
+
+    /// The head of `struct bpf_link_info` up to the `tcx` member of its union (the kernel copies
+    /// no more than the length given).
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct TcxLinkInfo {
+        pub link_type: u32,
+        pub id: u32,
+        pub prog_id: u32,
+        _pad: u32,
+        /// 0 once the interface is gone (the link is defunct).
+        pub ifindex: u32,
+        pub attach_type: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+        // SAFETY: `attr` is a fully initialised prefix of `union bpf_attr` for `cmd`, and its size
+        // is passed along; the kernel zero-extends the rest.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T,
+                std::mem::size_of::<T>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `BPF_OBJ_GET_INFO_BY_FD` on a link.
+    pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<TcxLinkInfo> {
+        #[repr(C)]
+        struct Attr {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut info = TcxLinkInfo::default();
+        let mut attr = Attr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<TcxLinkInfo>() as u32,
+            info: &mut info as *mut TcxLinkInfo as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        Ok(info)
+    }
+
+    /// `BPF_LINK_DETACH`: detaches the link at once (a pin's removal would only release it once
+    /// the last reference goes, later).
+    pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+        #[repr(C)]
+        struct Attr {
+            link_fd: u32,
+        }
+        bpf(
+            BPF_LINK_DETACH,
+            &mut Attr {
+                link_fd: fd.as_raw_fd() as u32,
+            },
+        )
+    }
+}
+
+fn hook_name(attach_type: TcAttachType) -> &'static str {
+    match attach_type {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
+}
+
+fn tcx_attach_type(attach_type: TcAttachType) -> u32 {
+    match attach_type {
+        TcAttachType::Egress => sys::BPF_TCX_EGRESS,
+        _ => sys::BPF_TCX_INGRESS,
+    }
+}
+
+/// Name of the pin of the TCX link of `ifname`'s hook: `<ifname>:<ingress|egress>`. bpffs
+/// reserves names with a dot (lookups fail with EPERM), and interface names may hold dots (VLANs)
+/// but never a colon, so dots become colons.
+pub fn link_pin_name(ifname: &str, attach_type: TcAttachType) -> String {
+    format!("{}:{}", ifname.replace('.', ":"), hook_name(attach_type))
+}
+
+/// Pin of the TCX link of `ifname`'s hook.
+pub fn link_pin_path(pin_root: &Path, ifname: &str, attach_type: TcAttachType) -> PathBuf {
+    pin_root
+        .join(LINKS_DIR)
+        .join(link_pin_name(ifname, attach_type))
+}
+
+/// A pinned TCX link, opened.
+struct OpenLink {
+    link: SchedClassifierLink,
+    info: sys::TcxLinkInfo,
+}
+
+/// Opens the link pinned at `pin`: `Ok(None)` when there is no pin, an error when the pin is not a
+/// TCX link.
+fn open_link_pin(pin: &Path) -> Result<Option<OpenLink>> {
+    let pinned = match PinnedLink::from_pin(pin) {
+        Ok(p) => p,
+        Err(aya::programs::links::LinkError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(Error::Datapath(format!(
+                "open link pin {}: {e}",
+                pin.display()
+            )));
+        }
+    };
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+        .map_err(|e| Error::Datapath(format!("{} is not a TCX link: {e}", pin.display())))?;
+    let fd = MultiProgLink::fd(&link)
+        .map_err(|e| Error::Datapath(format!("link pin {}: {e}", pin.display())))?;
+    let info =
+        sys::link_info(fd).map_err(|e| Error::io(format!("link info of {}", pin.display()), e))?;
+    Ok(Some(OpenLink { link, info }))
+}
+
+/// Detaches the link pinned at `pin` (if it is still attached) and removes the pin.
+fn remove_link_pin(pin: &Path) -> Result<()> {
+    match open_link_pin(pin) {
+        Ok(Some(open)) if open.info.ifindex != 0 => {
+            let fd = MultiProgLink::fd(&open.link)
+                .map_err(|e| Error::Datapath(format!("link pin {}: {e}", pin.display())))?;
+            sys::link_detach(fd)
+                .map_err(|e| Error::io(format!("detach link {}", pin.display()), e))?;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "removing an unreadable link pin")
+        }
+    }
+    match std::fs::remove_file(pin) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(Error::io(format!("remove {}", pin.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// True when some link pin under `pin_root` holds a link that is still attached.
+fn live_link_pins(pin_root: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(pin_root.join(LINKS_DIR)) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .any(|e| matches!(open_link_pin(&e.path()), Ok(Some(l)) if l.info.ifindex != 0))
+}
+
+/// Removes the pins of TCX links whose interface is gone (a deleted pod's veth: the kernel keeps
+/// the link, defunct with ifindex 0, and with it the program, for as long as the pin exists).
+/// Also completes a recorded switch of attachment mechanism (see [`TC_ATTACH_FILE`]); call it from
+/// housekeeping, after start-up. Returns the names of the pins removed.
+pub fn prune_link_pins(pin_root: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    let pending = state_dir.join(TC_ATTACH_PENDING);
+    if pending.exists() {
+        std::fs::rename(&pending, state_dir.join(TC_ATTACH_FILE))
+            .map_err(|e| Error::io(format!("rename {}", pending.display()), e))?;
+    }
+    let pruned = prune_defunct(pin_root)?;
+    if !pruned.is_empty() {
+        tracing::info!(?pruned, "removed pins of TCX links whose interface is gone");
+    }
+    Ok(pruned)
+}
 
 /// Counters of one endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,8 +376,9 @@ pub trait Datapath: Send {
     fn stats(&self, endpoint_id: u32) -> Stats;
     /// Status.
     fn info(&self) -> Info;
-    /// True when programs were freshly loaded (not adopted), so existing endpoints need their
-    /// filters re-pointed at the new programs.
+    /// True when existing endpoints need [`Datapath::attach`] again at start-up: programs were
+    /// freshly loaded (not adopted), so hooks must be re-pointed at them, or the attachment
+    /// mechanism changed, so hooks must move to it.
     fn needs_reattach(&self) -> bool;
     /// True while the host-side interface `ifname` with index `ifindex` exists. A pod's veth pair
     /// disappears when its network namespace is destroyed, so a missing interface means the pod
@@ -109,7 +417,11 @@ fn prepare_pin_root(pin_root: &Path) -> Result<()> {
         .map_err(|e| Error::io("mount bpffs at /sys/fs/bpf", e.into()))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    for d in [pin_root.join("maps"), pin_root.join("progs")] {
+    for d in [
+        pin_root.join("maps"),
+        pin_root.join("progs"),
+        pin_root.join(LINKS_DIR),
+    ] {
         std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
     }
     if !is_bpffs(pin_root) {
@@ -247,6 +559,12 @@ pub struct EbpfDatapath {
     metrics: PerCpuHashMap<MapData, MetricKey, MetricValue>,
     pin_root: PathBuf,
     adopted: bool,
+    /// How tc programs are attached.
+    mechanism: Mechanism,
+    /// Kernel ids of the current programs (a TCX link running another one is updated).
+    prog_ids: BTreeMap<&'static str, u32>,
+    /// The mechanism of the pod hooks changed since the last complete start (or may have).
+    mechanism_changed: bool,
 }
 
 impl EbpfDatapath {
@@ -256,14 +574,23 @@ impl EbpfDatapath {
     /// a pinned map of another layout (see [`check_map_layouts`]) is unpinned and re-created, and
     /// the programs are then reloaded too, so that nothing ever reads a map with the wrong layout.
     /// Programs already attached keep the maps they were loaded with until the agent re-points
-    /// their filters (after repopulating the new maps), so traffic keeps flowing meanwhile.
-    pub fn load(pin_root: &Path, state_dir: &Path, config: DatapathConfig) -> Result<Self> {
+    /// their hooks (after repopulating the new maps), so traffic keeps flowing meanwhile.
+    ///
+    /// `tc_attach` chooses how programs attach (see [`TcAttach`]); `auto` asks the kernel.
+    pub fn load(
+        pin_root: &Path,
+        state_dir: &Path,
+        config: DatapathConfig,
+        tc_attach: TcAttach,
+    ) -> Result<Self> {
         let maps_dir = pin_root.join("maps");
         let progs_dir = pin_root.join("progs");
         prepare_pin_root(pin_root)?;
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
         let recreated = check_map_layouts(pin_root, state_dir)?;
+        let (mechanism, why) = choose_mechanism(tc_attach)?;
+        tracing::info!(tc_attach = %tc_attach, mechanism = mechanism.as_str(), "{why}");
         let mut ebpf = EbpfLoader::new().map_pin_path(&maps_dir).load(BPF_OBJECT)?;
 
         let digest = format!("{:016x}", fnv64(BPF_OBJECT));
@@ -289,8 +616,35 @@ impl EbpfDatapath {
                 .map_err(|e| Error::io(format!("write {}", digest_file.display()), e))?;
         }
         let mut progs = BTreeMap::new();
+        let mut prog_ids = BTreeMap::new();
         for name in ALL_PROGRAMS {
-            progs.insert(name, SchedClassifier::from_pin(progs_dir.join(name))?);
+            let prog = SchedClassifier::from_pin(progs_dir.join(name))?;
+            prog_ids.insert(name, prog.info()?.id());
+            progs.insert(name, prog);
+        }
+
+        // Pod hooks move to another mechanism when the last complete start used another one (no
+        // record: an agent from before TCX, netlink), or when TCX links are still attached while
+        // netlink is wanted.
+        let recorded = std::fs::read_to_string(state_dir.join(TC_ATTACH_FILE))
+            .ok()
+            .and_then(|s| Mechanism::parse(&s))
+            .unwrap_or(Mechanism::Netlink);
+        let _ = prune_defunct(pin_root);
+        let links_left = mechanism == Mechanism::Netlink && live_link_pins(pin_root);
+        let mechanism_changed = recorded != mechanism || links_left;
+        let pending = state_dir.join(TC_ATTACH_PENDING);
+        if mechanism_changed {
+            tracing::info!(
+                from = if links_left { "tcx" } else { recorded.as_str() },
+                to = mechanism.as_str(),
+                "moving every tc hook to the chosen mechanism (new program first, then the old one \
+                 removed)"
+            );
+            std::fs::write(&pending, mechanism.as_str())
+                .map_err(|e| Error::io(format!("write {}", pending.display()), e))?;
+        } else {
+            let _ = std::fs::remove_file(&pending);
         }
 
         let take = |ebpf: &mut Ebpf, name: &str| {
@@ -319,6 +673,9 @@ impl EbpfDatapath {
             metrics,
             pin_root: pin_root.into(),
             adopted,
+            mechanism,
+            prog_ids,
+            mechanism_changed,
         })
     }
 
@@ -335,39 +692,189 @@ impl EbpfDatapath {
         self.attach_programs(ifname, progs)
     }
 
+    /// The mechanism tc programs are attached with.
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
     fn attach_programs(
         &mut self,
         ifname: &str,
         progs: &[(&'static str, TcAttachType)],
     ) -> Result<()> {
-        // EEXIST when the interface already has the qdisc.
-        let _ = tc::qdisc_add_clsact(ifname);
         for &(name, attach_type) in progs {
-            let prog = self.progs.get_mut(name).expect("program loaded");
-            let opts = TcAttachOptions::Netlink(NlOptions {
-                priority: TC_PRIORITY,
-                handle: TC_HANDLE,
-            });
-            let id = match prog.attach_with_options(ifname, attach_type, opts) {
-                Ok(id) => id,
-                Err(create_err) => {
-                    // Already attached (agent restart, retry): atomically replace the program.
-                    let link =
-                        SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
-                            .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
-                    prog.attach_to_link(link).map_err(|e| {
-                        Error::Datapath(format!(
-                            "attach {name} to {ifname}: {create_err}; replace: {e}"
-                        ))
-                    })?
+            match self.mechanism {
+                Mechanism::Tcx => {
+                    self.attach_tcx(ifname, name, attach_type)?;
+                    // A filter of an older agent or of netlink mode goes once the link runs.
+                    remove_netlink_filter(ifname, attach_type)?;
                 }
-            };
-            // The filter belongs to the interface: it must outlive this process (and goes away
-            // with the interface), so the link handle is deliberately not dropped (drop detaches).
-            std::mem::forget(prog.take_link(id)?);
+                Mechanism::Netlink => {
+                    self.attach_netlink(ifname, name, attach_type)?;
+                    // A TCX link (from TCX mode) goes once the filter is in place.
+                    remove_link_pin(&link_pin_path(&self.pin_root, ifname, attach_type))?;
+                }
+            }
         }
         Ok(())
     }
+
+    /// Attaches `name` to `ifname`'s hook as a pinned TCX link: adopts the pinned link when it
+    /// already runs this program, updates it atomically when it runs another one, and replaces a
+    /// pin left by a deleted interface of the same name.
+    fn attach_tcx(
+        &mut self,
+        ifname: &str,
+        name: &'static str,
+        attach_type: TcAttachType,
+    ) -> Result<()> {
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .map_err(|e| Error::io(format!("find interface {ifname}"), e.into()))?;
+        let pin = link_pin_path(&self.pin_root, ifname, attach_type);
+        let want_id = self.prog_ids[name];
+        let prog = self.progs.get_mut(name).expect("program loaded");
+        match open_link_pin(&pin) {
+            Ok(Some(open))
+                if open.info.ifindex == ifindex
+                    && open.info.attach_type == tcx_attach_type(attach_type) =>
+            {
+                if open.info.prog_id == want_id {
+                    return Ok(()); // adopted
+                }
+                let old = open.info.prog_id;
+                let id = prog.attach_to_link(open.link).map_err(|e| {
+                    Error::Datapath(format!("update the TCX link of {ifname} to {name}: {e}"))
+                })?;
+                // Our descriptor closes; the pin keeps the link.
+                drop(prog.take_link(id)?);
+                tracing::debug!(
+                    ifname,
+                    program = name,
+                    old,
+                    new = want_id,
+                    "TCX link updated"
+                );
+                return Ok(());
+            }
+            Ok(Some(open)) => {
+                tracing::info!(
+                    ifname,
+                    pin = %pin.display(),
+                    link_ifindex = open.info.ifindex,
+                    ifindex,
+                    "link pin belongs to an earlier interface of this name; replacing it"
+                );
+                drop(open);
+                remove_link_pin(&pin)?;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(pin = %pin.display(), error = %e, "replacing an unreadable link pin");
+                remove_link_pin(&pin)?;
+            }
+        }
+        // First in the hook's order, as priority 1 is among clsact filters.
+        let id = prog
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|e| Error::Datapath(format!("attach {name} to {ifname} (TCX): {e}")))?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .map_err(|e| Error::Datapath(format!("TCX link of {ifname}: {e}")))?;
+        // Should pinning fail, the link is dropped here, which detaches it: nothing half-done.
+        link.pin(&pin)
+            .map_err(|e| Error::Datapath(format!("pin {}: {e}", pin.display())))?;
+        Ok(())
+    }
+
+    /// Attaches `name` to `ifname`'s hook as a clsact filter (priority 1, handle 1), replacing an
+    /// existing one atomically.
+    fn attach_netlink(
+        &mut self,
+        ifname: &str,
+        name: &'static str,
+        attach_type: TcAttachType,
+    ) -> Result<()> {
+        // EEXIST when the interface already has the qdisc.
+        let _ = tc::qdisc_add_clsact(ifname);
+        let prog = self.progs.get_mut(name).expect("program loaded");
+        let opts = TcAttachOptions::Netlink(NlOptions {
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+        });
+        let id = match prog.attach_with_options(ifname, attach_type, opts) {
+            Ok(id) => id,
+            Err(create_err) => {
+                // Already attached (agent restart, retry): atomically replace the program.
+                let link =
+                    SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
+                        .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
+                prog.attach_to_link(link).map_err(|e| {
+                    Error::Datapath(format!(
+                        "attach {name} to {ifname}: {create_err}; replace: {e}"
+                    ))
+                })?
+            }
+        };
+        // The filter belongs to the interface: it must outlive this process (and goes away
+        // with the interface), so the link handle is deliberately not dropped (drop detaches).
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+}
+
+/// Removes Berth's clsact filter (priority 1, handle 1) from `ifname`'s hook, if there is one.
+fn remove_netlink_filter(ifname: &str, attach_type: TcAttachType) -> Result<()> {
+    use aya::programs::Link as _;
+    let link = SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE)
+        .map_err(|e| Error::io(format!("find interface {ifname}"), e))?;
+    match link.detach() {
+        Ok(()) => {
+            tracing::info!(
+                ifname,
+                hook = hook_name(attach_type),
+                "netlink tc filter removed (the TCX link runs now)"
+            );
+            Ok(())
+        }
+        // ENOENT: no such filter; EINVAL: no clsact qdisc at all.
+        Err(aya::programs::ProgramError::TcError(tc::TcError::NetlinkError { io_error }))
+            if matches!(io_error.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Datapath(format!(
+            "remove the netlink tc filter of {ifname}: {e}"
+        ))),
+    }
+}
+
+/// Removes the pins of defunct TCX links (see [`prune_link_pins`]); pins that cannot be read are
+/// left alone.
+fn prune_defunct(pin_root: &Path) -> Result<Vec<String>> {
+    let Ok(entries) = std::fs::read_dir(pin_root.join(LINKS_DIR)) else {
+        return Ok(Vec::new());
+    };
+    let mut pruned = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        let defunct = match open_link_pin(&path) {
+            Ok(Some(l)) => l.info.ifindex == 0,
+            Ok(None) => false,
+            Err(err) => {
+                tracing::warn!(pin = %path.display(), error = %err, "unreadable link pin left alone");
+                false
+            }
+        };
+        if defunct {
+            std::fs::remove_file(&path)
+                .map_err(|err| Error::io(format!("remove {}", path.display()), err))?;
+            pruned.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Ok(pruned)
 }
 
 /// Removes pins this version of the datapath does not use (maps and programs of older layouts).
@@ -475,7 +982,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn needs_reattach(&self) -> bool {
-        !self.adopted
+        !self.adopted || self.mechanism_changed
     }
 }
 
@@ -499,6 +1006,59 @@ mod tests {
                 "program {p} missing from object ({obj:?})"
             );
         }
+    }
+
+    /// Link pins are valid bpffs names (no dots) and distinct per interface and hook.
+    #[test]
+    fn link_pin_names_avoid_dots() {
+        assert_eq!(link_pin_name("eth0", TcAttachType::Ingress), "eth0:ingress");
+        assert_eq!(
+            link_pin_name("bond0.100", TcAttachType::Egress),
+            "bond0:100:egress"
+        );
+        assert_ne!(
+            link_pin_name("bth1a", TcAttachType::Ingress),
+            link_pin_name("bth1a", TcAttachType::Egress)
+        );
+        assert!(!link_pin_name("a.b.c", TcAttachType::Ingress).contains('.'));
+    }
+
+    #[test]
+    fn attach_setting_and_record_parse() {
+        assert_eq!(TcAttach::default(), TcAttach::Auto);
+        for (s, m) in [("tcx", Mechanism::Tcx), ("netlink\n", Mechanism::Netlink)] {
+            assert_eq!(Mechanism::parse(s), Some(m));
+            assert_eq!(Mechanism::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(Mechanism::parse("auto"), None);
+        #[derive(serde::Deserialize)]
+        struct F {
+            v: TcAttach,
+        }
+        let f: F = toml::from_str("v = \"netlink\"").unwrap();
+        assert_eq!(f.v, TcAttach::Netlink);
+        assert_eq!(TcAttach::Tcx.to_string(), "tcx");
+    }
+
+    /// Kernels before 6.6 answer a TCX query or attach with EINVAL; ENOTSUPP (524) and EOPNOTSUPP
+    /// also mean "no TCX"; a permission error does not.
+    #[test]
+    fn unsupported_errors() {
+        for errno in [libc::EINVAL, libc::EOPNOTSUPP, 524, libc::ENOSYS] {
+            assert!(
+                is_unsupported(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(!is_unsupported(&io::Error::from_raw_os_error(libc::EPERM)));
+        assert!(!is_unsupported(&io::Error::other("x")));
+    }
+
+    /// The head of `struct bpf_link_info` as the kernel lays it out: the union starts at 16.
+    #[test]
+    fn link_info_layout() {
+        assert_eq!(std::mem::size_of::<sys::TcxLinkInfo>(), 24);
+        assert_eq!(std::mem::offset_of!(sys::TcxLinkInfo, ifindex), 16);
     }
 
     /// Parses the object with aya's loader-side parser and lists its map and program names.
