@@ -258,48 +258,84 @@ pub fn ping_until(from: &NetNs, ip: &str, within: Duration) -> bool {
     }
 }
 
+/// An AF_PACKET socket for every ethertype, bound to `ifname` (in the calling thread's network
+/// namespace), with a 200 ms receive timeout; and the link-layer address to send with.
+fn packet_socket(ifname: &str) -> (std::os::fd::OwnedFd, libc::sockaddr_ll) {
+    use std::os::fd::FromRawFd;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let index = nix::net::if_::if_nametoindex(ifname).expect("interface index");
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = index as i32;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    let rc = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            len,
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    (fd, addr)
+}
+
+/// Sends `frame` on a packet socket (to the frame's own destination MAC).
+fn send_frame(fd: &std::os::fd::OwnedFd, addr: &libc::sockaddr_ll, frame: &[u8]) {
+    let mut to = *addr;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&frame[..6]);
+    let n = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(
+        n as usize,
+        frame.len(),
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Sends one raw Ethernet frame out of `ifname` inside `ns` (AF_PACKET), as a misbehaving pod
 /// would.
 pub fn send_raw_frame(ns: &NetNs, ifname: &str, frame: &[u8]) {
     let frame = frame.to_vec();
     let ifname = ifname.to_string();
     crate::cni::in_netns(ns, move || {
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            )
-        };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let index = nix::net::if_::if_nametoindex(ifname.as_str()).expect("interface index");
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = index as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        let err = std::io::Error::last_os_error();
-        unsafe { libc::close(fd) };
-        assert_eq!(n as usize, frame.len(), "sendto: {err}");
+        let (fd, addr) = packet_socket(&ifname);
+        send_frame(&fd, &addr, &frame);
     });
 }
 
-/// Receives frames on `ifname` inside `ns` for up to `within`, returning the first one `accept`
-/// takes.
+/// Receives frames on `ifname` inside `ns` for up to `within` (after sending `send_first`, if
+/// given, from the same socket), returning the first one `accept` takes.
 pub fn recv_raw_frame(
     ns: &NetNs,
     ifname: &str,
@@ -309,67 +345,26 @@ pub fn recv_raw_frame(
 ) -> Option<Vec<u8>> {
     let ifname = ifname.to_string();
     crate::cni::in_netns(ns, move || {
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            )
-        };
-        assert!(fd >= 0);
-        let index = nix::net::if_::if_nametoindex(ifname.as_str()).expect("interface index");
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = index as i32;
-        let rc = unsafe {
-            libc::bind(
-                fd,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "bind AF_PACKET");
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        let (fd, addr) = packet_socket(&ifname);
         if let Some(frame) = send_first {
-            let mut to = addr;
-            to.sll_halen = 6;
-            to.sll_addr[..6].copy_from_slice(&frame[..6]);
-            unsafe {
-                libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&to as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
+            send_frame(&fd, &addr, &frame);
         }
         let deadline = Instant::now() + within;
         let mut buf = vec![0u8; 2048];
-        let mut found = None;
         while Instant::now() < deadline {
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
             if n > 0 && accept(&buf[..n as usize]) {
-                found = Some(buf[..n as usize].to_vec());
-                break;
+                return Some(buf[..n as usize].to_vec());
             }
         }
-        unsafe { libc::close(fd) };
-        found
+        None
     })
 }
 
