@@ -110,6 +110,10 @@ const TC_ATTACH_PENDING: &str = "datapath-tc-attach.pending";
 /// Directory of TCX link pins under the pin root.
 const LINKS_DIR: &str = "links";
 
+/// Serialises changes to link pins: housekeeping's prune must not remove a pin that an attach has
+/// just re-created at the same path (a new pod whose veth has a deleted one's name).
+static LINK_PINS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// True for errors that mean "this kernel has no TCX" (rather than a failure of this attach).
 fn is_unsupported(e: &io::Error) -> bool {
     const ENOTSUPP: i32 = 524; // the kernel's internal "not supported", seen by user space
@@ -123,13 +127,20 @@ fn is_unsupported(e: &io::Error) -> bool {
 /// (no side effects; kernels before 6.6 refuse the attach type with EINVAL). Returns the mechanism
 /// and why it was chosen.
 fn choose_mechanism(setting: TcAttach) -> Result<(Mechanism, String)> {
-    let probe = || -> std::result::Result<(), io::Error> {
+    decide_mechanism(setting, || {
         match SchedClassifier::query_tcx("lo", TcAttachType::Ingress) {
             Ok(_) => Ok(()),
             Err(aya::programs::ProgramError::SyscallError(e)) => Err(e.io_error),
             Err(e) => Err(io::Error::other(e.to_string())),
         }
-    };
+    })
+}
+
+/// [`choose_mechanism`] with the kernel probe given (unit tests fake an old kernel).
+fn decide_mechanism(
+    setting: TcAttach,
+    probe: impl FnOnce() -> io::Result<()>,
+) -> Result<(Mechanism, String)> {
     match setting {
         TcAttach::Netlink => Ok((
             Mechanism::Netlink,
@@ -702,6 +713,7 @@ impl EbpfDatapath {
         ifname: &str,
         progs: &[(&'static str, TcAttachType)],
     ) -> Result<()> {
+        let _pins = LINK_PINS.lock().unwrap_or_else(|e| e.into_inner());
         for &(name, attach_type) in progs {
             match self.mechanism {
                 Mechanism::Tcx => {
@@ -854,6 +866,7 @@ fn remove_netlink_filter(ifname: &str, attach_type: TcAttachType) -> Result<()> 
 /// Removes the pins of defunct TCX links (see [`prune_link_pins`]); pins that cannot be read are
 /// left alone.
 fn prune_defunct(pin_root: &Path) -> Result<Vec<String>> {
+    let _pins = LINK_PINS.lock().unwrap_or_else(|e| e.into_inner());
     let Ok(entries) = std::fs::read_dir(pin_root.join(LINKS_DIR)) else {
         return Ok(Vec::new());
     };
@@ -1052,6 +1065,34 @@ mod tests {
         }
         assert!(!is_unsupported(&io::Error::from_raw_os_error(libc::EPERM)));
         assert!(!is_unsupported(&io::Error::other("x")));
+    }
+
+    /// The fallback: `auto` on a kernel without TCX (5.15 answers EINVAL) uses netlink and says
+    /// why; forced `tcx` there is a start-up error; forced `netlink` never asks the kernel.
+    #[test]
+    fn mechanism_decision() {
+        let old_kernel = || Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let (m, why) = decide_mechanism(TcAttach::Auto, old_kernel).unwrap();
+        assert_eq!(m, Mechanism::Netlink);
+        assert!(
+            why.starts_with("TCX unsupported: ") && why.ends_with("; using netlink tc"),
+            "{why}"
+        );
+        let err = decide_mechanism(TcAttach::Tcx, old_kernel).unwrap_err();
+        assert!(err.to_string().contains("6.6"), "{err}");
+        let (m, _) = decide_mechanism(TcAttach::Auto, || Ok(())).unwrap();
+        assert_eq!(m, Mechanism::Tcx);
+        let (m, _) = decide_mechanism(TcAttach::Tcx, || Ok(())).unwrap();
+        assert_eq!(m, Mechanism::Tcx);
+        let (m, _) = decide_mechanism(TcAttach::Netlink, || panic!("probed")).unwrap();
+        assert_eq!(m, Mechanism::Netlink);
+        // Any other probe failure also falls back under auto, with the error in the reason.
+        let (m, why) = decide_mechanism(TcAttach::Auto, || {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        })
+        .unwrap();
+        assert_eq!(m, Mechanism::Netlink);
+        assert!(why.contains("TCX probe failed"), "{why}");
     }
 
     /// The head of `struct bpf_link_info` as the kernel lays it out: the union starts at 16.

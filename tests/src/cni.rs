@@ -156,6 +156,17 @@ impl Node {
         }
     }
 
+    /// Sets `flag` to `value` among the extra agent arguments (replacing an earlier value, else
+    /// appending both), for the next [`Node::start_agent`]: restarts with another setting.
+    pub fn set_agent_arg(&mut self, flag: &str, value: &str) {
+        match self.extra_args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.extra_args.len() => self.extra_args[i + 1] = value.into(),
+            _ => self
+                .extra_args
+                .extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
     /// PID of the running agent.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Child::id)
