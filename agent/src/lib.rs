@@ -19,6 +19,7 @@ pub mod ipam;
 pub mod links;
 pub mod lock;
 pub mod node;
+pub mod policy;
 pub mod routing;
 pub mod server;
 pub mod store;

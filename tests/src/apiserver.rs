@@ -1,7 +1,9 @@
 //! A small Kubernetes API server for tests: HTTP/1.1 on 127.0.0.1:<ephemeral>, speaking the real
-//! list/watch protocol (REFERENCE §10) for core/v1 Nodes, Pods and Namespaces.
+//! list/watch protocol (REFERENCE §10) for core/v1 Nodes, Pods and Namespaces and
+//! networking.k8s.io/v1 NetworkPolicies.
 //!
-//! * `GET /api/v1/<plural>` and `GET /api/v1/namespaces/<ns>/<plural>`: a `<Kind>List` with
+//! * `GET /api/v1/<plural>` and `GET /api/v1/namespaces/<ns>/<plural>` (and
+//!   `/apis/<group>/<version>/…` for grouped kinds): a `<Kind>List` with
 //!   `metadata.resourceVersion`; items without `apiVersion`/`kind`, as the real server writes them.
 //!   `fieldSelector` (`a.b=v`, `a.b==v`, `a.b!=v`, comma-joined) and `labelSelector` (`k=v`,
 //!   `k!=v`, `k`, `!k`) are honoured; `limit` is ignored (everything in one page).
@@ -37,19 +39,39 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
-/// The resources the server knows: (plural, kind, namespaced), all core/v1.
-const RESOURCES: &[(&str, &str, bool)] = &[
-    ("nodes", "Node", false),
-    ("pods", "Pod", true),
-    ("namespaces", "Namespace", false),
+/// The resources the server knows: (plural, kind, namespaced, apiVersion).
+const RESOURCES: &[(&str, &str, bool, &str)] = &[
+    ("nodes", "Node", false, "v1"),
+    ("pods", "Pod", true, "v1"),
+    ("namespaces", "Namespace", false, "v1"),
+    (
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+        "networking.k8s.io/v1",
+    ),
 ];
 
 fn resource_of_kind(kind: &str) -> Option<(&'static str, &'static str, bool)> {
-    RESOURCES.iter().copied().find(|r| r.1 == kind)
+    RESOURCES
+        .iter()
+        .find(|r| r.1 == kind)
+        .map(|r| (r.0, r.1, r.2))
 }
 
 fn resource_of_plural(plural: &str) -> Option<(&'static str, &'static str, bool)> {
-    RESOURCES.iter().copied().find(|r| r.0 == plural)
+    RESOURCES
+        .iter()
+        .find(|r| r.0 == plural)
+        .map(|r| (r.0, r.1, r.2))
+}
+
+/// `apiVersion` of a known plural.
+fn api_version_of(plural: &str) -> &'static str {
+    RESOURCES
+        .iter()
+        .find(|r| r.0 == plural)
+        .map_or("v1", |r| r.3)
 }
 
 /// The bearer token written into the kubeconfig (the server accepts any or none).
@@ -164,7 +186,7 @@ impl ApiServer {
             .to_string();
         let (plural, _, namespaced) =
             resource_of_kind(&kind).unwrap_or_else(|| panic!("unsupported kind {kind}"));
-        obj["apiVersion"] = json!("v1");
+        obj["apiVersion"] = json!(api_version_of(plural));
         let name = obj["metadata"]["name"]
             .as_str()
             .expect("object without metadata.name")
@@ -288,7 +310,7 @@ impl ApiServer {
                 continue;
             }
             let (_, kind, _) = resource_of_plural(w.plural).unwrap();
-            let obj = json!({"kind": kind, "apiVersion": "v1",
+            let obj = json!({"kind": kind, "apiVersion": api_version_of(w.plural),
                 "metadata": {"resourceVersion": rv,
                     "annotations": {"k8s.io/initial-events-end": "false"}}});
             if w.tx.send(event_line("BOOKMARK", &obj)).is_ok() {
@@ -613,12 +635,18 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
         );
     }
     let segs: Vec<&str> = path.split('/').skip(1).collect();
-    // api/v1/<plural>[/<name>] or api/v1/namespaces/<ns>/<plural>[/<name>]
-    let (namespace, plural, name) = match segs.as_slice() {
-        ["api", "v1", "namespaces", ns, plural] => (Some(*ns), *plural, None),
-        ["api", "v1", "namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
-        ["api", "v1", plural] => (None, *plural, None),
-        ["api", "v1", plural, name] => (None, *plural, Some(*name)),
+    // api/v1/… (core) or apis/<group>/<version>/… (named groups), then
+    // <plural>[/<name>] or namespaces/<ns>/<plural>[/<name>]
+    let (group_version, rest) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] => ("v1".to_string(), rest),
+        ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+        _ => (String::new(), &segs[..0]),
+    };
+    let (namespace, plural, name) = match rest {
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        [plural] => (None, *plural, None),
+        [plural, name] => (None, *plural, Some(*name)),
         _ => {
             return status(
                 StatusCode::NOT_FOUND,
@@ -627,7 +655,9 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
             );
         }
     };
-    let Some((plural, kind, namespaced)) = resource_of_plural(plural) else {
+    let Some((plural, kind, namespaced)) =
+        resource_of_plural(plural).filter(|r| api_version_of(r.0) == group_version)
+    else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -684,7 +714,7 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
                 o
             })
             .collect();
-        let body = json!({"kind": format!("{kind}List"), "apiVersion": "v1",
+        let body = json!({"kind": format!("{kind}List"), "apiVersion": group_version,
             "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
         return json_response(StatusCode::OK, &body);
     }

@@ -1,5 +1,6 @@
 //! [`KubeSource`]: the cluster state from the Kubernetes API, one kube-rs watcher per watched kind
-//! (every Node; this node's Pods by field selector).
+//! (every Node, Pod, Namespace and NetworkPolicy; pods of other nodes are reduced to their policy
+//! view as they arrive, so a relist of 10 000 pods never holds 10 000 whole pods).
 //!
 //! kube-rs's watcher lists, then watches from the list's resourceVersion, follows bookmarks, and
 //! relists after a `410 Gone` ERROR event; it reconnects with back-off after connection errors.
@@ -14,7 +15,8 @@ use super::{COALESCE, Publisher, StateSource};
 use crate::error::{Error, Result};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
@@ -82,11 +84,40 @@ impl KubeSource {
             cfg = cfg.fields(&sel);
         }
         let c = self.client.clone();
+        let n = self.node.clone();
         match kind {
-            Kind::Node => {
-                tokio::spawn(watch_kind(Api::<Node>::all(c), kind, cfg, Object::Node, tx))
-            }
-            Kind::Pod => tokio::spawn(watch_kind(Api::<Pod>::all(c), kind, cfg, Object::Pod, tx)),
+            Kind::Node => tokio::spawn(watch_kind(
+                Api::<Node>::all(c),
+                kind,
+                cfg,
+                Object::Node,
+                n,
+                tx,
+            )),
+            Kind::Pod => tokio::spawn(watch_kind(
+                Api::<Pod>::all(c),
+                kind,
+                cfg,
+                Object::Pod,
+                n,
+                tx,
+            )),
+            Kind::Namespace => tokio::spawn(watch_kind(
+                Api::<Namespace>::all(c),
+                kind,
+                cfg,
+                Object::Namespace,
+                n,
+                tx,
+            )),
+            Kind::NetworkPolicy => tokio::spawn(watch_kind(
+                Api::<NetworkPolicy>::all(c),
+                kind,
+                cfg,
+                Object::NetworkPolicy,
+                n,
+                tx,
+            )),
         }
     }
 
@@ -114,7 +145,10 @@ impl KubeSource {
                     publish_at = None;
                     if out.publish(&state.model) {
                         debug!(revision = out.current().revision, nodes = state.model.nodes.len(),
-                            local_pods = state.model.local_pods.len(), "cluster model published");
+                            local_pods = state.model.local_pods.len(), pods = state.model.pods.len(),
+                            namespaces = state.model.namespaces.len(),
+                            network_policies = state.model.network_policies.len(),
+                            "cluster model published");
                     }
                 }
             }
@@ -178,6 +212,7 @@ async fn watch_kind<K>(
     kind: Kind,
     cfg: watcher::Config,
     wrap: fn(K) -> Object,
+    node: String,
     tx: mpsc::Sender<KindEvent>,
 ) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -190,9 +225,9 @@ async fn watch_kind<K>(
             let ev = match stream.try_next().await {
                 Ok(Some(e)) => match e {
                     watcher::Event::Init => Ev::Init,
-                    watcher::Event::InitApply(o) => Ev::InitApply(wrap(o).slim()),
+                    watcher::Event::InitApply(o) => Ev::InitApply(wrap(o).slim(&node)),
                     watcher::Event::InitDone => Ev::InitDone,
-                    watcher::Event::Apply(o) => Ev::Apply(wrap(o).slim()),
+                    watcher::Event::Apply(o) => Ev::Apply(wrap(o).slim(&node)),
                     watcher::Event::Delete(o) => Ev::Delete(wrap(o)),
                 },
                 // The watcher never ends by itself; if it did, start a new one.
@@ -298,6 +333,9 @@ impl ModelState {
                     info!(
                         nodes = self.model.nodes.len(),
                         local_pods = self.model.local_pods.len(),
+                        pods = self.model.pods.len(),
+                        namespaces = self.model.namespaces.len(),
+                        network_policies = self.model.network_policies.len(),
                         "cluster model synced"
                     );
                 }
@@ -364,8 +402,14 @@ mod tests {
         s.apply(ev(Kind::Pod, Ev::InitApply(pod("ns", "p1", "n1"))));
         s.apply(ev(Kind::Pod, Ev::InitApply(pod("ns", "p2", "other"))));
         s.apply(ev(Kind::Pod, Ev::InitDone));
+        assert!(!s.model.synced, "namespaces and policies not listed yet");
+        for k in [Kind::Namespace, Kind::NetworkPolicy] {
+            s.apply(ev(k, Ev::Init));
+            s.apply(ev(k, Ev::InitDone));
+        }
         assert!(s.model.synced);
         assert_eq!(s.model.local_pods.len(), 1);
+        assert_eq!(s.model.pods.len(), 2, "every pod in the policy view");
         assert!(s.model.local_pod_by_uid("uid-p1").is_some());
 
         // Delete and re-create under the same name.
@@ -388,6 +432,48 @@ mod tests {
             1,
             "pods untouched by a node relist"
         );
+
+        // Namespaces and policies: events, then a relist that drops what vanished meanwhile.
+        let ns = |name: &str| {
+            Object::Namespace(
+                serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap(),
+            )
+        };
+        let np = |ns: &str, name: &str| {
+            Object::NetworkPolicy(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": ns}, "spec": {"podSelector": {}}
+                }))
+                .unwrap(),
+            )
+        };
+        assert!(s.apply(ev(Kind::Namespace, Ev::Apply(ns("x")))));
+        assert!(s.apply(ev(Kind::NetworkPolicy, Ev::Apply(np("x", "p1")))));
+        s.apply(ev(Kind::NetworkPolicy, Ev::Apply(np("x", "p2"))));
+        s.apply(ev(Kind::NetworkPolicy, Ev::Delete(np("x", "p1"))));
+        assert_eq!(s.model.network_policies.len(), 1);
+        s.apply(ev(
+            Kind::NetworkPolicy,
+            Ev::Failed {
+                error: "gone".into(),
+                relist: true,
+            },
+        ));
+        s.apply(ev(Kind::NetworkPolicy, Ev::Init));
+        s.apply(ev(Kind::NetworkPolicy, Ev::InitApply(np("y", "p3"))));
+        assert_eq!(s.model.network_policies.len(), 1, "old list until done");
+        s.apply(ev(Kind::NetworkPolicy, Ev::InitDone));
+        assert_eq!(
+            s.model.network_policies.keys().cloned().collect::<Vec<_>>(),
+            [("y".to_string(), "p3".to_string())]
+        );
+        assert_eq!(s.model.namespaces.len(), 1);
+        // A pod of another node relisted: in the policy view only.
+        s.apply(ev(Kind::Pod, Ev::Init));
+        s.apply(ev(Kind::Pod, Ev::InitApply(pod("ns", "p9", "other"))));
+        s.apply(ev(Kind::Pod, Ev::InitDone));
+        assert!(s.model.local_pods.is_empty());
+        assert_eq!(s.model.pods.len(), 1);
     }
 
     #[test]

@@ -109,7 +109,8 @@ impl DirReader {
                 .and_then(|bytes| parse_manifest(&path, &bytes));
             let previous = self.files.remove(&path).and_then(|f| f.objects);
             let objects = match parsed {
-                Ok(objs) => Some(objs),
+                // Kept slim: a directory of 10 000 pods costs their policy view, not the pods.
+                Ok(objs) => Some(objs.into_iter().map(|o| o.slim(&self.node)).collect()),
                 Err(e) => {
                     if previous.is_some() {
                         warn!(file = %path.display(), error = %e,
@@ -225,14 +226,11 @@ fn collect(
         return Ok(());
     };
     let mut obj = Object::from_value(k, Value::Object(doc)).map_err(|e| format!("{kind}: {e}"))?;
-    let meta = match &mut obj {
-        Object::Node(n) => &mut n.metadata,
-        Object::Pod(p) => {
-            // As kubectl applies it: a namespaced object without a namespace is in "default".
-            p.metadata.namespace.get_or_insert_with(|| "default".into());
-            &mut p.metadata
-        }
-    };
+    let meta = obj.metadata_mut();
+    if k.namespaced() {
+        // As kubectl applies it: a namespaced object without a namespace is in "default".
+        meta.namespace.get_or_insert_with(|| "default".into());
+    }
     if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(format!("{kind} without metadata.name"));
     }
@@ -307,7 +305,8 @@ impl ManifestSource {
         let mut model = source.reader.read()?.clone();
         model.revision = 1;
         info!(dir = %dir.display(), nodes = model.nodes.len(), local_pods = model.local_pods.len(),
-            "manifests read");
+            pods = model.pods.len(), namespaces = model.namespaces.len(),
+            network_policies = model.network_policies.len(), "manifests read");
         Ok((source, model))
     }
 
@@ -367,6 +366,9 @@ impl ManifestSource {
                         info!(
                             nodes = model.nodes.len(),
                             local_pods = model.local_pods.len(),
+                            pods = model.pods.len(),
+                            namespaces = model.namespaces.len(),
+                            network_policies = model.network_policies.len(),
                             revision = out.current().revision,
                             "manifests changed"
                         );

@@ -10,10 +10,11 @@ mod model;
 #[cfg(test)]
 mod tests;
 
-pub use k8s_openapi::api::core::v1::{Node, Pod};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use kube_source::KubeSource;
 pub use manifest::{ManifestSource, parse_manifest};
-pub use model::{ClusterModel, Kind, NodeView, Object};
+pub use model::{ClusterModel, Kind, NamedPort, NodeView, Object, PodInfo};
 
 use crate::error::{Error, Result};
 use futures::future::BoxFuture;
@@ -40,7 +41,7 @@ pub enum SourceKind {
 /// Where the cluster state comes from: flags of `berth-agent`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SourceArgs {
-    /// Source of the cluster state (Nodes, Pods): auto, kubernetes, manifests or none. `auto`
+    /// Source of the cluster state (Nodes, Pods, Namespaces, NetworkPolicies): auto, kubernetes, manifests or none. `auto`
     /// picks kubernetes with a kubeconfig or in a pod, else manifests with --manifests, else none.
     #[arg(long = "source", env = "BERTH_SOURCE", value_enum, default_value_t = SourceKind::Auto)]
     pub source: SourceKind,

@@ -97,10 +97,167 @@ fn model_lookups() {
     assert!(m.local_pod_by_uid("u-2").is_none());
     assert_eq!(Kind::from_type("v1", "Pod"), Some(Kind::Pod));
     assert_eq!(Kind::from_type("apps/v1", "Pod"), None);
+    // Policy needs every pod of the cluster: no kind is field-selected any more.
+    for k in Kind::ALL {
+        assert_eq!(k.field_selector("a"), None, "{k:?}");
+    }
     assert_eq!(
-        Kind::Pod.field_selector("a").as_deref(),
-        Some("spec.nodeName=a")
+        Kind::from_type("networking.k8s.io/v1", "NetworkPolicy"),
+        Some(Kind::NetworkPolicy)
     );
+    assert_eq!(Kind::from_type("v1", "NetworkPolicy"), None);
+    assert_eq!(Kind::from_type("v1", "Namespace"), Some(Kind::Namespace));
+    assert_eq!(Kind::NetworkPolicy.plural(), "networkpolicies");
+    assert!(Kind::NetworkPolicy.namespaced() && !Kind::Namespace.namespaced());
+}
+
+fn pod_v(v: serde_json::Value) -> Pod {
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn all_pods_kept_as_policy_view_local_ones_whole() {
+    let mut m = ClusterModel::default();
+    let here = pod_v(json!({
+        "metadata": {"name": "a", "namespace": "x", "uid": "u-a", "labels": {"pod": "a"},
+            "annotations": {"big": "annotation"},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i", "ports": [
+            {"name": "http", "containerPort": 80},
+            {"containerPort": 81},
+            {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+            {"name": "bad", "containerPort": 70000}]}]},
+        "status": {"phase": "Running", "podIP": "10.2.1.5",
+            "podIPs": [{"ip": "10.2.1.5"}, {"ip": "fd00::5"}, {"ip": "10.2.1.5"}]}
+    }));
+    let there = pod_v(json!({
+        "metadata": {"name": "b", "namespace": "x", "uid": "u-b", "labels": {"pod": "b"},
+            "annotations": {"big": "annotation"}},
+        "spec": {"nodeName": "n2", "hostNetwork": false, "containers": [{"name": "c", "image": "i",
+            "env": [{"name": "A", "value": "B"}], "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": "10.2.2.7", "hostIP": "192.168.0.2"}
+    }));
+    for p in [&here, &there] {
+        m.upsert(Object::Pod(p.clone()).slim("n1"), "n1");
+    }
+    assert_eq!(m.count(Kind::Pod), 2);
+    assert_eq!(
+        m.local_pods.keys().cloned().collect::<Vec<_>>(),
+        [("x".to_string(), "a".to_string())]
+    );
+    // The local pod is whole (but without managedFields), the other one is stripped.
+    let local = &m.local_pods[&("x".into(), "a".into())];
+    assert!(local.metadata.annotations.is_some());
+    assert!(local.metadata.managed_fields.is_none());
+    let a = &m.pods[&("x".into(), "a".into())];
+    assert_eq!(a.ips, ["10.2.1.5".parse::<std::net::Ipv4Addr>().unwrap()]);
+    assert_eq!(a.node_name.as_deref(), Some("n1"));
+    assert_eq!(a.labels.get("pod").map(String::as_str), Some("a"));
+    assert_eq!(
+        a.named_ports,
+        [
+            NamedPort {
+                name: "http".into(),
+                port: 80,
+                protocol: "TCP".into()
+            },
+            NamedPort {
+                name: "dns".into(),
+                port: 53,
+                protocol: "UDP".into()
+            }
+        ]
+    );
+    assert!(!a.host_network && !a.terminated);
+    // Stripping keeps exactly the policy view.
+    let stripped = match Object::Pod(there.clone()).slim("n1") {
+        Object::Pod(p) => p,
+        _ => unreachable!(),
+    };
+    assert!(stripped.metadata.annotations.is_none());
+    assert!(stripped.status.as_ref().unwrap().host_ip.is_none());
+    assert_eq!(PodInfo::from_pod(&stripped), PodInfo::from_pod(&there));
+
+    // A pod moving off this node leaves local_pods but stays in pods; deletion removes both.
+    let mut moved = here.clone();
+    moved.spec.as_mut().unwrap().node_name = Some("n3".into());
+    m.upsert(Object::Pod(moved.clone()), "n1");
+    assert!(m.local_pods.is_empty());
+    assert_eq!(
+        m.pods[&("x".into(), "a".into())].node_name.as_deref(),
+        Some("n3")
+    );
+    m.remove(&Object::Pod(moved));
+    assert_eq!(m.pods.len(), 1);
+
+    // A status-only change keeps the shared PodInfo (no new allocation, same content).
+    let before = m.pods[&("x".into(), "b".into())].clone();
+    let mut status_only = there.clone();
+    status_only.status.as_mut().unwrap().host_ip = Some("192.168.0.22".into());
+    m.upsert(Object::Pod(status_only), "n1");
+    assert!(std::sync::Arc::ptr_eq(
+        &before,
+        &m.pods[&("x".into(), "b".into())]
+    ));
+
+    // Terminated and host-network pods are flagged.
+    let done = pod_v(json!({"metadata": {"name": "d", "namespace": "x"},
+        "spec": {"hostNetwork": true, "containers": []}, "status": {"phase": "Succeeded"}}));
+    let d = PodInfo::from_pod(&done);
+    assert!(d.terminated && d.host_network && d.ips.is_empty() && d.node_name.is_none());
+
+    // A relist replaces the kind and keeps unchanged PodInfos shared.
+    let b_before = m.pods[&("x".into(), "b".into())].clone();
+    m.replace_kind(
+        Kind::Pod,
+        vec![Object::Pod(there.clone()), Object::Pod(here.clone())],
+        "n1",
+    );
+    assert_eq!(m.pods.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(
+        &b_before,
+        &m.pods[&("x".into(), "b".into())]
+    ));
+    assert_eq!(m.local_pods.len(), 1);
+    m.replace_kind(Kind::Pod, vec![], "n1");
+    assert!(m.pods.is_empty() && m.local_pods.is_empty());
+}
+
+#[test]
+fn namespaces_and_network_policies_in_the_model() {
+    let mut m = ClusterModel::default();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "x",
+        "labels": {"ns": "x", "kubernetes.io/metadata.name": "x"}}}))
+    .unwrap();
+    let np: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "deny", "namespace": "x"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+    }))
+    .unwrap();
+    m.upsert(Object::Namespace(ns.clone()), "n1");
+    m.upsert(Object::NetworkPolicy(np.clone()), "n1");
+    assert_eq!(m.count(Kind::Namespace), 1);
+    assert_eq!(m.count(Kind::NetworkPolicy), 1);
+    assert!(
+        m.network_policies
+            .contains_key(&("x".to_string(), "deny".to_string()))
+    );
+    let copy = m.clone();
+    assert!(copy.same_content(&m));
+    let mut ns2 = ns.clone();
+    ns2.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("team".into(), "t".into());
+    m.upsert(Object::Namespace(ns2), "n1");
+    assert!(
+        !copy.same_content(&m),
+        "a namespace label change is a change"
+    );
+    m.remove(&Object::NetworkPolicy(np));
+    m.remove(&Object::Namespace(ns));
+    assert_eq!(m.count(Kind::Namespace) + m.count(Kind::NetworkPolicy), 0);
 }
 
 const MULTI: &str = r#"
@@ -200,6 +357,57 @@ items:
     // JSON is YAML too.
     assert_eq!(names(&parse("n.yaml", &single).unwrap()), ["Node:j"]);
     assert!(parse("empty.yaml", "").unwrap().is_empty());
+}
+
+const POLICY_KINDS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: x
+  labels: {ns: x, kubernetes.io/metadata.name: x}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-from-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector:
+        matchExpressions: [{key: ns, operator: In, values: ["y"]}]  # a bare y is a YAML 1.1 boolean
+    ports: [{port: 80, endPort: 81}, {port: serve-80-udp, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: defaulted}
+spec: {podSelector: {}}
+---
+apiVersion: extensions/v1beta1
+kind: NetworkPolicy
+metadata: {name: ignored-old-api}
+spec: {podSelector: {}}
+"#;
+
+#[test]
+fn parses_namespaces_and_network_policies() {
+    let objs = parse("policy.yaml", POLICY_KINDS).unwrap();
+    assert_eq!(
+        names(&objs),
+        [
+            "Namespace:x",
+            "NetworkPolicy:x/allow-from-y",
+            "NetworkPolicy:default/defaulted"
+        ]
+    );
+    let Object::NetworkPolicy(np) = &objs[1] else {
+        panic!()
+    };
+    let spec = np.spec.as_ref().unwrap();
+    let ports = spec.ingress.as_ref().unwrap()[0].ports.as_ref().unwrap();
+    assert_eq!(ports[0].end_port, Some(81));
+    // A NetworkPolicy with a field of the wrong type fails its file.
+    let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b}\nspec: {podSelector: 3}\n";
+    assert!(parse("bad.yaml", bad).is_err());
 }
 
 #[test]
@@ -362,6 +570,18 @@ async fn manifest_watcher_end_to_end() {
         m5.local_pods.keys().cloned().collect::<Vec<_>>(),
         [("x".to_string(), "a".to_string())]
     );
+    // ... while every pod is in the policy view.
+    assert_eq!(m5.pods.len(), 2);
+
+    // Namespaces and NetworkPolicies come and go with their file.
+    write(dir.path(), "policy.yaml", POLICY_KINDS);
+    let m6 = wait_for(&mut rx, "policies", |m| m.network_policies.len() == 2).await;
+    assert!(m6.namespaces.contains_key("x"));
+    std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
+    wait_for(&mut rx, "policies gone", |m| {
+        m.network_policies.is_empty() && m.namespaces.is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
