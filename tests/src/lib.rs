@@ -7,4 +7,5 @@ pub mod cni;
 pub mod containerd;
 pub mod csi;
 pub mod netns;
+pub mod policy_ref;
 pub mod tunnel;

@@ -1,0 +1,1017 @@
+//! The policy engine (`berth_agent::policy`) against the independent reference evaluator
+//! (`berth_tests::policy_ref`) on the connectivity matrix of Kubernetes' network-policy e2e suite:
+//! namespaces x, y, z with pods a, b, c each (labels `pod=<name>`; namespace labels `ns=<name>`
+//! and `kubernetes.io/metadata.name=<name>`), spread over three nodes, servers on TCP, UDP and
+//! SCTP 80 and 81. Sources: the nine pods, an address outside the cluster and each node's own
+//! stack; destinations: the nine pods, the outside address and a node address.
+//!
+//! For every scenario step, every node's engine is updated and its diff applied to a mirror of
+//! that node's maps (the mirror is built from diffs only, never from a full state). Each cell is
+//! evaluated as the datapath will: the source's egress on the source's node AND the
+//! destination's ingress on the destination's node, the peer's identity looked up in that
+//! node's ipcache, identity entries matched by identity (or wildcard) and port prefix, CIDR
+//! entries by one longest-prefix lookup. The answer — and the answer of `trace` — must equal the
+//! reference's in every cell. No root needed.
+use berth_agent::cluster::{self, ClusterModel, Kind, Object, SourceArgs, SourceKind};
+use berth_agent::policy::{
+    self, Compiled, Direction, EndpointPolicy, HOST, IdentityAllocator, Peer, PolicyEngine,
+    Protocol, TracePeer,
+};
+use berth_tests::apiserver::ApiServer;
+use berth_tests::policy_ref::{Objects, Party};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const NODES: [(&str, &str); 3] = [
+    ("n1", "192.168.50.1"),
+    ("n2", "192.168.50.2"),
+    ("n3", "192.168.50.3"),
+];
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: [&str; 3] = ["a", "b", "c"];
+const OUTSIDE: &str = "203.0.113.7";
+const PROBES: [(Protocol, u16); 6] = [
+    (Protocol::Tcp, 80),
+    (Protocol::Tcp, 81),
+    (Protocol::Udp, 80),
+    (Protocol::Udp, 81),
+    (Protocol::Sctp, 80),
+    (Protocol::Sctp, 81),
+];
+
+fn node_index(ns: &str, pod: &str) -> usize {
+    let i = NAMESPACES.iter().position(|n| *n == ns).unwrap();
+    let j = PODS.iter().position(|p| *p == pod).unwrap_or(0);
+    (i + j) % 3
+}
+
+fn default_ip(ns: &str, pod: &str) -> String {
+    let i = NAMESPACES.iter().position(|n| *n == ns).unwrap_or(0);
+    let j = PODS.iter().position(|p| *p == pod).unwrap_or(3);
+    format!("10.2.{}.{}", node_index(ns, pod) + 1, 10 + i * 4 + j)
+}
+
+fn serve_ports() -> Value {
+    let mut ports = Vec::new();
+    for port in [80, 81] {
+        for proto in ["TCP", "UDP", "SCTP"] {
+            ports.push(
+                json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                "containerPort": port, "protocol": proto}),
+            );
+        }
+    }
+    Value::Array(ports)
+}
+
+// ---- objects and changes ----
+
+#[derive(Clone, Debug)]
+enum Change {
+    Apply(Value),
+    Delete(&'static str, String, String),
+}
+
+fn pod_full(ns: &str, name: &str, labels: Value, ip: &str, ports: Value, node: &str) -> Change {
+    Change::Apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"), "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "agnhost", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+}
+
+fn pod_labeled(ns: &str, name: &str, labels: Value) -> Change {
+    let node = NODES[node_index(ns, name)].0;
+    pod_full(ns, name, labels, &default_ip(ns, name), serve_ports(), node)
+}
+
+fn pod_ports(ns: &str, name: &str, ports: Value) -> Change {
+    let node = NODES[node_index(ns, name)].0;
+    pod_full(
+        ns,
+        name,
+        json!({"pod": name}),
+        &default_ip(ns, name),
+        ports,
+        node,
+    )
+}
+
+fn namespace(name: &str, extra: Value) -> Change {
+    let mut labels = json!({"ns": name, "kubernetes.io/metadata.name": name});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        labels[k] = v.clone();
+    }
+    Change::Apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels}}))
+}
+
+fn np(ns: &str, name: &str, spec: Value) -> Change {
+    Change::Apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+    )
+}
+
+fn del_np(ns: &str, name: &str) -> Change {
+    Change::Delete("NetworkPolicy", ns.into(), name.into())
+}
+
+fn base() -> Vec<Change> {
+    let mut out = Vec::new();
+    for (name, ip) in NODES {
+        out.push(Change::Apply(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name},
+            "spec": {"podCIDR": format!("10.2.{}.0/24", &name[1..])},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]}})));
+    }
+    for ns in NAMESPACES {
+        out.push(namespace(ns, json!({})));
+        for p in PODS {
+            out.push(pod_labeled(ns, p, json!({"pod": p})));
+        }
+    }
+    out
+}
+
+type ObjKey = (String, String, String);
+/// A pod's node and its endpoint key (namespace, name).
+type Placed = (String, (String, String));
+
+fn obj_key(v: &Value) -> ObjKey {
+    (
+        v["kind"].as_str().unwrap().to_string(),
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        v["metadata"]["name"].as_str().unwrap().to_string(),
+    )
+}
+
+// ---- one node's engine and its mirror of the maps ----
+
+struct NodeState {
+    name: &'static str,
+    engine: PolicyEngine,
+    /// The maps as the datapath would hold them: built from diffs only.
+    mirror: Compiled,
+}
+
+struct World {
+    objects: BTreeMap<ObjKey, Value>,
+    nodes: Vec<NodeState>,
+    /// Map writes over all steps (for the log).
+    writes: usize,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            objects: BTreeMap::new(),
+            nodes: NODES
+                .iter()
+                .map(|(n, _)| NodeState {
+                    name: n,
+                    engine: PolicyEngine::new(*n),
+                    mirror: Compiled {
+                        node: n.to_string(),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+            writes: 0,
+        }
+    }
+
+    fn model(&self) -> ClusterModel {
+        let mut m = ClusterModel::default();
+        for v in self.objects.values() {
+            let kind = Kind::from_type(
+                v["apiVersion"].as_str().unwrap(),
+                v["kind"].as_str().unwrap(),
+            )
+            .unwrap();
+            let obj = Object::from_value(kind, v.clone()).unwrap();
+            m.upsert(obj.slim("n1"), "n1");
+        }
+        m.synced = true;
+        m
+    }
+
+    fn reference(&self) -> Objects {
+        let mut o = Objects {
+            nodes: NODES
+                .iter()
+                .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
+                .collect(),
+            ..Default::default()
+        };
+        for v in self.objects.values() {
+            match v["kind"].as_str().unwrap() {
+                "Pod" => o.pods.push(serde_json::from_value(v.clone()).unwrap()),
+                "Namespace" => o
+                    .namespaces
+                    .push(serde_json::from_value(v.clone()).unwrap()),
+                "NetworkPolicy" => o.policies.push(serde_json::from_value(v.clone()).unwrap()),
+                _ => {}
+            }
+        }
+        o
+    }
+
+    /// Applies changes to the objects, updates every engine and its mirror, and checks that the
+    /// mirror (diffs applied) equals the engine's state and a from-scratch compilation.
+    fn step(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::Apply(v) => {
+                    self.objects.insert(obj_key(v), v.clone());
+                }
+                Change::Delete(kind, ns, name) => {
+                    self.objects
+                        .remove(&(kind.to_string(), ns.clone(), name.clone()));
+                }
+            }
+        }
+        let model = self.model();
+        for n in &mut self.nodes {
+            let d = n.engine.update(&model);
+            self.writes += d.entry_writes();
+            n.mirror.apply(&d);
+            assert_eq!(
+                &n.mirror,
+                n.engine.compiled(),
+                "{}: diffs reproduce the state",
+                n.name
+            );
+            let scratch = policy::compile(&model, n.name, &mut IdentityAllocator::new());
+            assert_eq!(
+                &scratch,
+                n.engine.compiled(),
+                "{}: incremental == from scratch",
+                n.name
+            );
+        }
+    }
+
+    fn node(&self, name: &str) -> &NodeState {
+        self.nodes.iter().find(|n| n.name == name).unwrap()
+    }
+
+    /// The pod's node and address, from the objects.
+    fn pod_place(&self, ns: &str, name: &str) -> Option<(String, Ipv4Addr)> {
+        let v = self.objects.get(&("Pod".into(), ns.into(), name.into()))?;
+        Some((
+            v["spec"]["nodeName"].as_str()?.to_string(),
+            v["status"]["podIP"].as_str()?.parse().ok()?,
+        ))
+    }
+
+    fn node_ip(name: &str) -> Ipv4Addr {
+        NODES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+            .parse()
+            .unwrap()
+    }
+
+    /// The verdict as the datapaths of the nodes involved compute it from their mirrors.
+    fn datapath_allows(&self, src: &Party, dst: &Party, proto: Protocol, port: u16) -> bool {
+        // (node, endpoint key) of a pod party, and the party's address.
+        let place = |p: &Party| -> (Option<Placed>, Option<Ipv4Addr>) {
+            match p {
+                Party::Pod { namespace, name } => {
+                    let (node, ip) = self.pod_place(namespace, name).unwrap();
+                    (Some((node, (namespace.clone(), name.clone()))), Some(ip))
+                }
+                Party::Ip(a) => (None, Some(*a)),
+                Party::Host(n) => (None, Some(World::node_ip(n))),
+            }
+        };
+        let (src_ep, src_addr) = place(src);
+        let (dst_ep, dst_addr) = place(dst);
+        if let Some((node, key)) = &src_ep {
+            let m = &self.node(node).mirror;
+            let ep = &m.endpoints[key];
+            let id = m.identity_of(dst_addr.unwrap());
+            if !side_allows(ep, Direction::Egress, id, dst_addr, proto, port) {
+                return false;
+            }
+        }
+        if let Some((node, key)) = &dst_ep {
+            let m = &self.node(node).mirror;
+            let ep = &m.endpoints[key];
+            // The node's own stack is recognised by its path, not by an ipcache lookup.
+            let id = match src {
+                Party::Host(h) if h == node => HOST,
+                _ => m.identity_of(src_addr.unwrap()),
+            };
+            if !side_allows(ep, Direction::Ingress, id, src_addr, proto, port) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn trace(&self, src: &Party, dst: &Party, proto: Protocol, port: u16) -> policy::Trace {
+        let (engine, src) = match src {
+            Party::Host(n) => (&self.node(n).engine, TracePeer::Host),
+            other => (&self.node("n1").engine, trace_peer(other)),
+        };
+        engine.trace(&src, &trace_peer(dst), proto, port).unwrap()
+    }
+
+    /// Every cell of the matrix against the reference.
+    fn check(&self, label: &str) -> usize {
+        let reference = self.reference();
+        // Every pod present (scenarios add and delete some).
+        let mut sources: Vec<Party> = self
+            .objects
+            .keys()
+            .filter(|(kind, _, _)| kind == "Pod")
+            .map(|(_, ns, name)| Party::pod(ns, name))
+            .collect();
+        let mut dests = sources.clone();
+        dests.push(Party::Ip(OUTSIDE.parse().unwrap()));
+        dests.push(Party::Ip(World::node_ip("n2")));
+        sources.push(Party::Ip(OUTSIDE.parse().unwrap()));
+        for (n, _) in NODES {
+            sources.push(Party::Host(n.into()));
+        }
+        let mut bad = Vec::new();
+        let mut cells = 0;
+        for src in &sources {
+            for dst in &dests {
+                if !matches!(src, Party::Pod { .. }) && !matches!(dst, Party::Pod { .. }) {
+                    continue;
+                }
+                for (proto, port) in PROBES {
+                    cells += 1;
+                    let want = reference.allowed(src, dst, proto.as_k8s(), port);
+                    let got = self.datapath_allows(src, dst, proto, port);
+                    let trace = self.trace(src, dst, proto, port);
+                    if got != want || trace.allowed != want {
+                        bad.push(format!(
+                            "{src} -> {dst} {proto}/{port}: reference {want}, datapath {got}, \
+                             trace {}\n    {}",
+                            trace.allowed,
+                            trace.explanation().join("\n    ")
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{label}: {} of {cells} cells differ:\n{}",
+            bad.len(),
+            bad.iter().take(12).cloned().collect::<Vec<_>>().join("\n")
+        );
+        cells
+    }
+}
+
+fn trace_peer(p: &Party) -> TracePeer {
+    match p {
+        Party::Pod { namespace, name } => TracePeer::Pod {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        },
+        Party::Ip(a) => TracePeer::Ip(*a),
+        Party::Host(_) => TracePeer::Host,
+    }
+}
+
+/// One side, as the datapath evaluates it: identity entries keyed by (identity or wildcard,
+/// protocol, port prefix); CIDR entries through one longest-prefix match.
+fn side_allows(
+    ep: &EndpointPolicy,
+    dir: Direction,
+    peer_id: u32,
+    peer_addr: Option<Ipv4Addr>,
+    proto: Protocol,
+    port: u16,
+) -> bool {
+    let side = ep.direction(dir);
+    if !side.isolated {
+        return true;
+    }
+    let port_hit = |proto_e: Option<Protocol>, ports: policy::PortRange| {
+        proto_e.is_none_or(|p| p == proto)
+            && ports.prefixes().iter().any(|&(p, len)| {
+                let shift = 16 - u32::from(len);
+                u32::from(port) >> shift == u32::from(p) >> shift
+            })
+    };
+    for e in side.entries.keys() {
+        let id_hit = match e.peer {
+            Peer::Any => true,
+            Peer::Identity(id) => id == peer_id,
+            Peer::Cidr(_) => false,
+        };
+        if id_hit && port_hit(e.proto, e.ports) {
+            return true;
+        }
+    }
+    let Some(addr) = peer_addr else { return false };
+    let lpm = side.cidr_lpm();
+    let best = lpm
+        .iter()
+        .filter(|(net, _)| net.contains(&addr))
+        .max_by_key(|(net, _)| net.prefix_len());
+    best.is_some_and(|(_, rules)| rules.iter().any(|(p, r)| port_hit(*p, *r)))
+}
+
+// ---- the scenarios ----
+
+struct Scenario {
+    name: &'static str,
+    steps: Vec<Vec<Change>>,
+}
+
+fn sc(name: &'static str, steps: Vec<Vec<Change>>) -> Scenario {
+    Scenario { name, steps }
+}
+
+fn one(name: &'static str, changes: Vec<Change>) -> Scenario {
+    sc(name, vec![changes])
+}
+
+fn pod_a() -> Value {
+    json!({"matchLabels": {"pod": "a"}})
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let deny_in_x = np(
+        "x",
+        "deny-in",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    );
+    let deny_out_x = np(
+        "x",
+        "deny-out",
+        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    );
+    vec![
+        one("no policies", vec![]),
+        one("default deny ingress in x", vec![deny_in_x.clone()]),
+        one("default deny egress in x", vec![deny_out_x.clone()]),
+        one("default deny both in x", vec![np("x", "deny", json!({"podSelector": {},
+            "policyTypes": ["Ingress", "Egress"]}))]),
+        one("policyTypes omitted, no rules: ingress deny", vec![np("x", "p", json!({"podSelector": {}}))]),
+        one("allow all ingress (empty rule) beside a deny", vec![deny_in_x.clone(),
+            np("x", "allow-all", json!({"podSelector": {}, "ingress": [{}]}))]),
+        one("allow all egress (empty rule) beside a deny", vec![deny_out_x.clone(),
+            np("x", "allow-all", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}))]),
+        one("deny ingress to x/a only", vec![np("x", "p", json!({"podSelector": pod_a(), "ingress": []}))]),
+        one("allow from the same namespace", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"podSelector": {}}]}]}))]),
+        one("allow from pod b of the same namespace", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))]),
+        one("allow from namespace y", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}))]),
+        one("namespace y AND pod b (one peer)", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
+                "podSelector": {"matchLabels": {"pod": "b"}}}]}]}))]),
+        one("namespace y OR pod b (two peers)", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+                {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))]),
+        one("namespace by kubernetes.io/metadata.name In [z]", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["z"]}]}}]}]}))]),
+        one("namespace NotIn [x]", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "ns", "operator": "NotIn", "values": ["x"]}]}}]}]}))]),
+        one("namespace In [y, z] for egress", vec![np("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "ns", "operator": "In", "values": ["y", "z"]}]}}]}]}))]),
+        sc("namespace label Exists / DoesNotExist", vec![
+            vec![namespace("y", json!({"team": "blue"})),
+                np("x", "p", json!({"podSelector": pod_a(), "ingress": [{"from": [{"namespaceSelector": {
+                    "matchExpressions": [{"key": "team", "operator": "Exists"}]}}]}]})),
+                np("x", "q", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"from": [{"namespaceSelector": {
+                    "matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]}}]}]}))],
+            // The label moves to z: both policies follow.
+            vec![namespace("y", json!({})), namespace("z", json!({"team": "red"}))],
+        ]),
+        sc("NotIn matches a missing key (namespaces and pods)", vec![
+            vec![namespace("y", json!({"team": "blue"})), namespace("z", json!({"team": "red"})),
+                pod_labeled("y", "a", json!({"pod": "a", "role": "db"})),
+                np("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {
+                    "matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["blue"]}]}}]}]})),
+                np("y", "q", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"namespaceSelector": {},
+                    "podSelector": {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["web"]}]}}]}]}))],
+            vec![namespace("z", json!({})), pod_labeled("y", "a", json!({"pod": "a", "role": "web"}))],
+        ]),
+        one("pod In [a, b]", vec![np("y", "p", json!({"podSelector": {}, "ingress": [{"from": [
+            {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]}}]}]}))]),
+        one("pod NotIn [a]", vec![np("y", "p", json!({"podSelector": {}, "ingress": [{"from": [
+            {"podSelector": {"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["a"]}]}}]}]}))]),
+        sc("pod label Exists / DoesNotExist, then the label moves", vec![
+            vec![pod_labeled("x", "b", json!({"pod": "b", "role": "db"})),
+                np("z", "p", json!({"podSelector": pod_a(), "ingress": [{"from": [{"namespaceSelector": {},
+                    "podSelector": {"matchExpressions": [{"key": "role", "operator": "Exists"}]}}]}]})),
+                np("z", "q", json!({"podSelector": {"matchLabels": {"pod": "c"}}, "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"namespaceSelector": {},
+                        "podSelector": {"matchExpressions": [{"key": "role", "operator": "DoesNotExist"}]}}]}]}))],
+            vec![pod_labeled("x", "b", json!({"pod": "b"})), pod_labeled("y", "c", json!({"pod": "c", "role": "x"}))],
+        ]),
+        one("matchLabels AND matchExpressions", vec![np("x", "p", json!({
+            "podSelector": {"matchLabels": {"pod": "a"}, "matchExpressions": [{"key": "pod", "operator": "Exists"}]},
+            "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["z"]}]},
+                "podSelector": {"matchLabels": {"pod": "c"}, "matchExpressions": [{"key": "pod", "operator": "In", "values": ["c", "b"]}]}}]}]}))]),
+        one("empty namespaceSelector with a podSelector: pod a anywhere", vec![np("y", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": pod_a()}]}]}))]),
+        one("empty namespaceSelector alone: every pod, not the outside", vec![np("y", "p", json!({"podSelector": {},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"namespaceSelector": {}}]}], "egress": [{"to": [{"namespaceSelector": {}}]}]}))]),
+        one("ports: TCP 80", vec![np("x", "p", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}))]),
+        one("ports: TCP 81 and every UDP port", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 81, "protocol": "TCP"}, {"protocol": "UDP"}]}]}))]),
+        one("ports: SCTP 80 egress", vec![np("y", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"protocol": "SCTP", "port": 80}]}]}))]),
+        one("endPort 80-81", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 80, "endPort": 81}]}]}))]),
+        one("endPort 81-81 UDP beside TCP 80", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"ports": [{"port": 81, "endPort": 81, "protocol": "UDP"}, {"port": 80}]}]}))]),
+        one("endPort egress range 1-80", vec![np("z", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}], "ports": [{"port": 1, "endPort": 80, "protocol": "SCTP"}]}]}))]),
+        one("named port ingress serve-80-tcp", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"ports": [{"port": "serve-80-tcp"}]}]}))]),
+        one("named port with the wrong protocol matches nothing", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"ports": [{"port": "serve-80-udp", "protocol": "TCP"}]}]}))]),
+        one("named port ingress UDP and SCTP", vec![np("y", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}],
+                "ports": [{"port": "serve-81-udp", "protocol": "UDP"}, {"port": "serve-80-sctp", "protocol": "SCTP"}]}]}))]),
+        one("named port egress to namespace y", vec![np("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": "serve-81-tcp"}]}]}))]),
+        sc("named port resolved per destination pod (ingress and egress)", vec![
+            vec![np("x", "in", json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-80-tcp"}]}]})),
+                np("z", "out", json!({"podSelector": {}, "policyTypes": ["Egress"],
+                    "egress": [{"ports": [{"port": "serve-80-tcp"}]}]}))],
+            // x/a now serves "serve-80-tcp" on 81, y/b has no such port at all.
+            vec![pod_ports("x", "a", json!([{"name": "serve-80-tcp", "containerPort": 81},
+                    {"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"}])),
+                pod_ports("y", "b", json!([{"name": "other", "containerPort": 80}]))],
+            vec![pod_ports("x", "a", serve_ports()), pod_ports("y", "b", serve_ports())],
+        ]),
+        one("named port egress through an ipBlock peer", vec![np("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.2.2.0/24"}}], "ports": [{"port": "serve-81-udp", "protocol": "UDP"}, {"port": 80}]}]}))]),
+        one("ipBlock ingress from outside", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}]}))]),
+        one("ipBlock pod CIDRs with an except (pod addresses too)", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16", "except": ["10.2.2.0/24"]}}], "ports": [{"port": 80}]}]}))]),
+        one("ipBlock of one pod's address", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"ipBlock": {"cidr": format!("{}/32", default_ip("y", "b"))}}]}]}))]),
+        one("ipBlock except a single address", vec![np("y", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16", "except": [format!("{}/32", default_ip("x", "a")), "10.2.3.0/25"]}}]}]}))]),
+        one("egress to everything but the cluster", vec![np("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.2.0.0/16"]}}]}]}))]),
+        one("egress to node addresses", vec![np("z", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "192.168.50.0/24"}}], "ports": [{"port": 81}]}]}))]),
+        one("ingress from another node's address", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.50.2/32"}}], "ports": [{"port": 80}]}]}))]),
+        one("ipBlock host bits and an IPv6 block", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.2.3.77/24"}}, {"ipBlock": {"cidr": "fd00::/8"}}]}]}))]),
+        one("egress to namespace y on TCP 80 only", vec![np("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 80}]}]}))]),
+        one("policyTypes omitted with egress rules: both directions", vec![np("x", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"podSelector": {}}]}], "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}))]),
+        one("policyTypes omitted with an empty egress list: ingress only", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}], "egress": []}))]),
+        one("policyTypes Egress ignores ingress rules", vec![np("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "ingress": [{"from": [{"podSelector": {}}]}], "egress": [{"to": [{"podSelector": {}}]}]}))]),
+        one("policyTypes both, no rules: isolated both ways", vec![np("z", "p", json!({"podSelector": pod_a(),
+            "policyTypes": ["Egress", "Ingress"]}))]),
+        one("several policies on one pod: union of peers", vec![
+            np("x", "from-y", json!({"podSelector": pod_a(), "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]})),
+            np("x", "from-z", json!({"podSelector": pod_a(), "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}))]),
+        one("several policies: different peers on different ports", vec![
+            np("x", "y80", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 80}]}]})),
+            np("x", "z81", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}], "ports": [{"port": 81, "protocol": "UDP"}]}]})),
+            np("x", "a-egress", json!({"podSelector": pod_a(), "policyTypes": ["Egress"], "egress": [{"to": [{"podSelector": {}}]}]}))]),
+        one("explicit empty from list allows every source", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [], "ports": [{"port": 80, "protocol": "UDP"}]}]}))]),
+        one("explicit empty ports list allows every port", vec![np("x", "p", json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": []}]}))]),
+        one("source egress AND destination ingress", vec![
+            np("x", "a-out", json!({"podSelector": pod_a(), "policyTypes": ["Egress"],
+                "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]})),
+            np("y", "b-in", json!({"podSelector": {"matchLabels": {"pod": "b"}},
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}))]),
+        one("rules of one policy are ORed", vec![np("z", "p", json!({"podSelector": {}, "ingress": [
+            {"from": [{"podSelector": pod_a()}], "ports": [{"port": 80}]},
+            {"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}], "ports": [{"port": 81, "protocol": "SCTP"}]},
+            {"from": [{"ipBlock": {"cidr": "203.0.113.0/28"}}], "ports": [{"port": 81}]}]}))]),
+        one("invalid operator beside a valid policy", vec![deny_in_x.clone(),
+            np("x", "bad", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchExpressions": [
+                {"key": "pod", "operator": "Matches", "values": ["a"]}]}}]}]}))]),
+        one("invalid CIDR and invalid except", vec![deny_in_x.clone(),
+            np("x", "bad1", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.2.0.0/40"}}]}]})),
+            np("x", "bad2", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16", "except": ["10.3.0.0/24"]}}]}]}))]),
+        one("invalid endPort below port / without port", vec![
+            np("y", "bad1", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 81, "endPort": 80}]}]})),
+            np("y", "bad2", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"endPort": 80}]}]}))]),
+        one("invalid protocol and port out of range", vec![
+            np("z", "bad1", json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]})),
+            np("z", "bad2", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 65536}]}]})),
+            np("z", "good", json!({"podSelector": pod_a(), "ingress": [{"from": [{"podSelector": {}}]}]}))]),
+        one("invalid peers: empty, and ipBlock with a selector", vec![deny_out_x.clone(),
+            np("x", "bad1", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{}]}]})),
+            np("x", "bad2", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [
+                {"ipBlock": {"cidr": "0.0.0.0/0"}, "namespaceSelector": {}}]}]}))]),
+        one("invalid operator in the policy's own podSelector", vec![
+            np("x", "bad", json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "Exists", "values": ["a"]}]}}))]),
+        sc("a pod relabelled into and out of a selection", vec![
+            vec![np("x", "p", json!({"podSelector": pod_a(), "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
+            vec![pod_labeled("x", "c", json!({"pod": "b"}))],
+            vec![pod_labeled("x", "b", json!({"pod": "a"}))],
+            vec![pod_labeled("x", "c", json!({"pod": "c"})), pod_labeled("x", "b", json!({"pod": "b"}))],
+        ]),
+        sc("a namespace relabelled", vec![
+            vec![np("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}))],
+            vec![namespace("y", json!({"ns": "q"}))],
+            vec![namespace("z", json!({"ns": "y"}))],
+        ]),
+        sc("a policy updated, then deleted", vec![
+            vec![np("y", "p", json!({"podSelector": pod_a(), "ingress": [{"ports": [{"port": 80}]}]}))],
+            vec![np("y", "p", json!({"podSelector": pod_a(), "ingress": [{"ports": [{"port": 81}]}]}))],
+            vec![np("y", "p", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 81}]}]}))],
+            vec![del_np("y", "p")],
+        ]),
+        sc("a pod added, moved to another address, removed", vec![
+            vec![np("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "d"}}}]}]})),
+                np("y", "q", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "10.2.1.0/24"}}]}]}))],
+            vec![pod_full("x", "d", json!({"pod": "d"}), "10.2.1.99", serve_ports(), "n1")],
+            vec![pod_full("x", "d", json!({"pod": "d"}), "10.2.3.99", serve_ports(), "n3")],
+            vec![Change::Delete("Pod", "x".into(), "d".into())],
+        ]),
+        sc("a policy turns invalid, then valid again", vec![
+            vec![np("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}))],
+            vec![np("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "ns", "operator": "In", "values": []}]}}]}]}))],
+            vec![np("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "ns", "operator": "In", "values": ["z", "x"]}]}}]}]}))],
+        ]),
+        sc("deny, allow, deny again", vec![
+            vec![deny_in_x.clone(), deny_out_x.clone()],
+            vec![np("x", "allow", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]}))],
+            vec![del_np("x", "allow")],
+            vec![del_np("x", "deny-in"), del_np("x", "deny-out")],
+        ]),
+        one("every namespace isolated, intra-namespace allowed", NAMESPACES.iter().map(|ns| np(ns, "same-ns",
+            json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"podSelector": {}}]}], "egress": [{"to": [{"podSelector": {}}]}]}))).collect()),
+        one("egress DNS-like UDP to one pod plus TCP to a namespace", vec![np("z", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}, "podSelector": {"matchLabels": {"pod": "c"}}}],
+                "ports": [{"port": 80, "protocol": "UDP"}]},
+                {"to": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 81}]}]}))]),
+        one("a policy selecting nothing", vec![np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "nobody"}}}))]),
+        one("a policy in another namespace does not select x's pods", vec![np("y", "p", json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"podSelector": {}}]}]}))]),
+        one("overlapping CIDR rules on different ports", vec![np("x", "p", json!({"podSelector": {}, "ingress": [
+            {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 80}]},
+            {"from": [{"ipBlock": {"cidr": "10.2.2.0/24"}}], "ports": [{"port": 81}]},
+            {"from": [{"ipBlock": {"cidr": format!("{}/32", default_ip("z", "c"))}}], "ports": [{"protocol": "SCTP"}]}]}))]),
+    ]
+}
+
+#[test]
+fn scenarios_match_the_reference() {
+    let all = scenarios();
+    assert!(all.len() >= 50, "{} scenarios", all.len());
+    let mut cells = 0;
+    let mut steps = 0;
+    for s in &all {
+        let mut w = World::new();
+        w.step(&base());
+        for (i, changes) in s.steps.iter().enumerate() {
+            w.step(changes);
+            cells += w.check(&format!("{} (step {})", s.name, i + 1));
+            steps += 1;
+        }
+    }
+    eprintln!(
+        "{} scenarios, {steps} steps, {cells} cells checked",
+        all.len()
+    );
+}
+
+/// All scenarios through one set of engines, never reset: every transition between unrelated
+/// policy sets is a diff the mirrors apply.
+#[test]
+fn marathon_through_every_scenario() {
+    let mut w = World::new();
+    w.step(&base());
+    let mut cells = 0;
+    for s in scenarios() {
+        // Back to the base objects, then the scenario's steps.
+        let stale: Vec<Change> = w
+            .objects
+            .keys()
+            .filter(|(k, _, _)| k == "NetworkPolicy" || k == "Pod")
+            .map(|(k, ns, n)| {
+                Change::Delete(
+                    if k == "Pod" { "Pod" } else { "NetworkPolicy" },
+                    ns.clone(),
+                    n.clone(),
+                )
+            })
+            .collect();
+        let mut reset = stale;
+        reset.extend(base());
+        w.step(&reset);
+        for (i, changes) in s.steps.iter().enumerate() {
+            w.step(changes);
+            cells += w.check(&format!("marathon: {} (step {})", s.name, i + 1));
+        }
+    }
+    eprintln!("marathon: {cells} cells, {} map writes", w.writes);
+}
+
+/// With many policies in force, changing one touches only entries it produces (before or after)
+/// and only endpoints it selects.
+#[test]
+fn changing_one_policy_touches_only_its_entries() {
+    let mut w = World::new();
+    w.step(&base());
+    let mut changes = Vec::new();
+    for (i, ns) in NAMESPACES.iter().enumerate() {
+        for (j, p) in PODS.iter().enumerate() {
+            changes.push(np(ns, &format!("p-{p}"), json!({"podSelector": {"matchLabels": {"pod": p}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 80 + ((i + j) % 2) as i32}]}],
+                "egress": [{"to": [{"podSelector": {}}]}, {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}]})));
+        }
+    }
+    changes.push(np("x", "shared", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 80}]}]})));
+    w.step(&changes);
+    w.check("many policies");
+    let before: Vec<Compiled> = w
+        .nodes
+        .iter()
+        .map(|n| n.engine.compiled().clone())
+        .collect();
+    let target = "p-b";
+    let model = {
+        w.objects.insert(
+            ("NetworkPolicy".into(), "x".into(), target.into()),
+            match np("x", target, json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}], "ports": [{"port": 81, "protocol": "UDP"}]}],
+                "egress": [{"to": [{"podSelector": {}}]}]})) {
+                Change::Apply(v) => v,
+                Change::Delete(..) => unreachable!(),
+            },
+        );
+        w.model()
+    };
+    let by_target = |o: &BTreeSet<policy::Origin>| {
+        o.iter().any(|o| matches!(o, policy::Origin::Rule { policy, .. } if policy.namespace == "x" && policy.name == target))
+    };
+    let mut touched = 0;
+    for (n, old) in w.nodes.iter_mut().zip(&before) {
+        let d = n.engine.update(&model);
+        for (key, ed) in &d.endpoints {
+            assert_eq!(
+                key,
+                &("x".to_string(), "b".to_string()),
+                "{}: only x/b is selected by {target}",
+                n.name
+            );
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let dd = ed.direction(dir);
+                for e in &dd.remove {
+                    assert!(
+                        by_target(&old.endpoints[key].direction(dir).entries[e]),
+                        "removed {e} was {target}'s"
+                    );
+                }
+                for (e, o) in dd.add.iter().chain(&dd.reattributed) {
+                    let was = old.endpoints[key].direction(dir).entries.get(e);
+                    assert!(
+                        by_target(o) || was.is_some_and(by_target),
+                        "added/changed {e} concerns {target}"
+                    );
+                }
+                touched += dd.writes();
+            }
+        }
+        n.mirror.apply(&d);
+    }
+    assert!(touched > 0);
+    eprintln!("changing {target} wrote {touched} entries");
+    w.check("after changing one policy");
+}
+
+/// Bigger cluster: cost of a full compile and of an incremental update (logged; bounds loose).
+#[test]
+fn thousand_pods_hundred_policies() {
+    let mut m = ClusterModel::default();
+    let add = |m: &mut ClusterModel, c: Change| {
+        if let Change::Apply(v) = c {
+            let kind = Kind::from_type(
+                v["apiVersion"].as_str().unwrap(),
+                v["kind"].as_str().unwrap(),
+            )
+            .unwrap();
+            m.upsert(Object::from_value(kind, v).unwrap().slim("n1"), "n1");
+        }
+    };
+    for c in base() {
+        add(&mut m, c);
+    }
+    for i in 0..1000u32 {
+        let ns = NAMESPACES[(i % 3) as usize];
+        let node = NODES[(i % 3) as usize].0;
+        let ip = format!("10.3.{}.{}", i / 250, i % 250 + 1);
+        add(
+            &mut m,
+            pod_full(
+                ns,
+                &format!("w{i}"),
+                json!({"app": format!("app{}", i % 50), "pod": "w"}),
+                &ip,
+                serve_ports(),
+                node,
+            ),
+        );
+    }
+    for i in 0..100u32 {
+        let ns = NAMESPACES[(i % 3) as usize];
+        add(
+            &mut m,
+            np(
+                ns,
+                &format!("p{i}"),
+                json!({"podSelector": {"matchLabels": {"app": format!("app{}", i % 50)}},
+            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("app{}", (i + 1) % 50)}}}],
+                "ports": [{"port": 80}, {"port": "serve-81-udp", "protocol": "UDP"}]}]}),
+            ),
+        );
+    }
+    let mut e = PolicyEngine::new("n1");
+    let t = std::time::Instant::now();
+    let d = e.update(&m);
+    let full = t.elapsed();
+    let entries = e.compiled().entry_count();
+    let t = std::time::Instant::now();
+    let again = e.update(&m);
+    let noop = t.elapsed();
+    assert!(again.is_empty());
+    add(
+        &mut m,
+        np(
+            "x",
+            "p0",
+            json!({"podSelector": {"matchLabels": {"app": "app0"}},
+        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "app1"}}}], "ports": [{"port": 81}]}]}),
+        ),
+    );
+    let t = std::time::Instant::now();
+    let one = e.update(&m);
+    let incr = t.elapsed();
+    eprintln!(
+        "1000 pods, 100 policies: {} endpoints, {entries} entries, {} identities; full {full:?} ({} writes), \
+         unchanged {noop:?}, one policy changed {incr:?} ({} writes)",
+        e.compiled().endpoints.len(),
+        e.compiled().identities.len(),
+        d.entry_writes(),
+        one.entry_writes()
+    );
+    assert!(one.entry_writes() > 0 && one.entry_writes() < d.entry_writes() / 10);
+}
+
+// ---- the engine fed by the Kubernetes source ----
+
+async fn wait_model(
+    rx: &mut tokio::sync::watch::Receiver<Arc<ClusterModel>>,
+    what: &str,
+    mut pred: impl FnMut(&ClusterModel) -> bool,
+) -> Arc<ClusterModel> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let cur = rx.borrow_and_update().clone();
+        if pred(&cur) {
+            return cur;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => panic!(
+                "timed out waiting for {what}: {} pods, {} namespaces, {} policies",
+                cur.pods.len(),
+                cur.namespaces.len(),
+                cur.network_policies.len()
+            ),
+        }
+    }
+}
+
+/// The agent's Kubernetes source watches every pod, namespace and policy (also across a relist
+/// after 410 Gone), and the engine compiled from its model agrees with the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_feeds_the_engine() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "berth_agent=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let server = ApiServer::start().await;
+    let mut w = World::new();
+    let mut seed = base();
+    seed.push(np("x", "from-y", json!({"podSelector": pod_a(),
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 80}]}]})));
+    let apply = |w: &mut World, changes: &[Change]| {
+        for c in changes {
+            match c {
+                Change::Apply(v) => {
+                    server.apply(v.clone());
+                }
+                Change::Delete(kind, ns, name) => {
+                    server.delete(kind, Some(ns), name);
+                }
+            }
+        }
+        w.step(changes);
+    };
+    apply(&mut w, &seed);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig);
+    let args = SourceArgs {
+        source: SourceKind::Kubernetes,
+        kubeconfig: Some(kubeconfig),
+        manifests: None,
+    };
+    let mut rx = cluster::start(&args, "n1").await.unwrap();
+    let m = wait_model(&mut rx, "initial sync", |m| {
+        m.synced && m.network_policies.len() == 1
+    })
+    .await;
+    assert_eq!((m.pods.len(), m.namespaces.len(), m.nodes.len()), (9, 3, 3));
+    assert_eq!(m.local_pods.len(), 3, "n1's pods whole");
+    assert_eq!(server.list_count("networkpolicies"), 1);
+    // The engine on the source's model equals the engine on the test's own model.
+    let mut live = PolicyEngine::new("n1");
+    live.update(&m);
+    assert_eq!(live.compiled(), w.node("n1").engine.compiled());
+    w.check("kube source: initial");
+
+    // Policy update, pod label change, namespace label change: each arrives and compiles the same.
+    let steps: Vec<Vec<Change>> = vec![
+        vec![np(
+            "x",
+            "from-y",
+            json!({"podSelector": pod_a(),
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 81}]}]}),
+        )],
+        vec![pod_labeled("x", "b", json!({"pod": "a"}))],
+        vec![namespace("z", json!({"ns": "y"}))],
+    ];
+    for (i, s) in steps.iter().enumerate() {
+        apply(&mut w, s);
+        let want = w.node("n1").engine.compiled().clone();
+        let mut probe = PolicyEngine::new("n1");
+        wait_model(&mut rx, &format!("step {i}"), |m| {
+            probe.update(m);
+            probe.compiled() == &want
+        })
+        .await;
+        w.check(&format!("kube source: step {i}"));
+    }
+
+    // Changes while disconnected with the history expired: every kind relists and converges.
+    let lists = server.list_count("networkpolicies");
+    server.stop().await;
+    apply(
+        &mut w,
+        &[
+            del_np("x", "from-y"),
+            np("y", "deny", json!({"podSelector": {}})),
+            namespace("z", json!({})),
+            Change::Delete("Pod", "z".into(), "c".into()),
+        ],
+    );
+    server.expire_history();
+    server.resume().await;
+    let want = w.node("n1").engine.compiled().clone();
+    let mut probe = PolicyEngine::new("n1");
+    let m = wait_model(&mut rx, "relisted", |m| {
+        probe.update(m);
+        probe.compiled() == &want
+    })
+    .await;
+    assert_eq!(m.pods.len(), 8);
+    assert!(server.list_count("networkpolicies") > lists);
+    assert!(server.list_count("namespaces") > 1);
+    w.check("kube source: after relist");
+}
