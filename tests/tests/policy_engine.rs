@@ -1015,3 +1015,179 @@ async fn kube_source_feeds_the_engine() {
     assert!(server.list_count("namespaces") > 1);
     w.check("kube source: after relist");
 }
+
+// ---- memory at scale ----
+
+/// Counts the bytes each thread holds (allocated minus freed on it), so one test can measure
+/// what it keeps while others run in parallel.
+struct Counting;
+
+thread_local! {
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    let _ = LIVE.try_with(|c| c.set(c.get() + delta));
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        count(-(layout.size() as isize));
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count(new as isize - layout.size() as isize);
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_bytes() -> isize {
+    LIVE.with(|c| c.get())
+}
+
+/// A pod as a real API server returns it (managedFields, annotations, env, volumes, conditions):
+/// what the source receives; the model keeps only the policy view of pods of other nodes.
+fn realistic_pod(i: u32, nodes: u32) -> Value {
+    let deploy = i / 10;
+    let ns = format!("team-{}", deploy % 50);
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("app-{deploy}-7d9c8b6f5-{i:05}"), "namespace": ns,
+            "uid": format!("3f2b1c4d-0000-4000-8000-{i:012}"),
+            "resourceVersion": "123456789", "generateName": format!("app-{deploy}-7d9c8b6f5-"),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"app": format!("app-{deploy}"), "pod-template-hash": "7d9c8b6f5",
+                "app.kubernetes.io/part-of": format!("system-{}", deploy % 20), "version": "v1"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z",
+                "prometheus.io/scrape": "true", "prometheus.io/port": "9090"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": format!("app-{deploy}-7d9c8b6f5"), "uid": "aaaaaaaa-0000-4000-8000-000000000000",
+                "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
+                "apiVersion": "v1", "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}, "f:spec": {"f:containers": {}}}},
+                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "subresource": "status",
+                "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:status": {"f:conditions": {}, "f:podIP": {}, "f:podIPs": {}}}}]
+        },
+        "spec": {
+            "nodeName": format!("node-{}", i % nodes),
+            "serviceAccountName": "default",
+            "containers": [{
+                "name": "app", "image": "registry.example.com/team/app:1.2.3",
+                "ports": [{"name": "http", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090}],
+                "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME",
+                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10}
+            }, {
+                "name": "sidecar", "image": "registry.example.com/proxy:2.0",
+                "ports": [{"name": "proxy", "containerPort": 15001}]
+            }],
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
+        },
+        "status": {
+            "phase": "Running", "hostIP": "192.168.0.10", "podIP": format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256),
+            "podIPs": [{"ip": format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256)}],
+            "qosClass": "Burstable", "startTime": "2026-01-01T00:00:00Z",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "registry.example.com/team/app:1.2.3",
+                "imageID": "registry.example.com/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                "containerID": "containerd://0000000000000000000000000000000000000000000000000000000000000000",
+                "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
+        }
+    })
+}
+
+/// 10 000 pods (100 nodes, 1 000 deployments in 50 namespaces) and 1 000 policies: what the
+/// model and the engine keep (issue 9 budget: agent RSS ≤ 64 MB with 10 000 pods).
+#[test]
+fn ten_thousand_pods_memory() {
+    let start = live_bytes();
+    let mut m = ClusterModel::default();
+    for t in 0..50 {
+        let name = format!("team-{t}");
+        m.upsert(
+            Object::Namespace(
+                serde_json::from_value(json!({"metadata": {"name": name,
+                "labels": {"team": name, "kubernetes.io/metadata.name": name}}}))
+                .unwrap(),
+            ),
+            "node-0",
+        );
+    }
+    let before_pods = live_bytes();
+    for i in 0..10_000 {
+        // As the source does: parse, slim (pods of other nodes keep only their policy view).
+        let pod = Object::from_value(Kind::Pod, realistic_pod(i, 100)).unwrap();
+        m.upsert(pod.slim("node-0"), "node-0");
+    }
+    let pods_bytes = live_bytes() - before_pods;
+    let before_np = live_bytes();
+    for p in 0..1000u32 {
+        let ns = format!("team-{}", p % 50);
+        let v = json!({"metadata": {"name": format!("p{p}"), "namespace": ns}, "spec": {
+            "podSelector": {"matchLabels": {"app": format!("app-{}", p)}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", (p + 1) % 50)}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/part-of": format!("system-{}", p % 20)}}}],
+                "ports": [{"port": "http"}, {"port": 9090}]}],
+            "egress": [{"to": [{"podSelector": {}}]}, {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+                "ports": [{"port": 443}]}]}});
+        m.upsert(
+            Object::NetworkPolicy(serde_json::from_value(v).unwrap()),
+            "node-0",
+        );
+    }
+    let policy_bytes = live_bytes() - before_np;
+    let model_bytes = live_bytes() - start;
+    // A published revision shares the pods.
+    let before_clone = live_bytes();
+    let published = m.clone();
+    let clone_bytes = live_bytes() - before_clone;
+    let before_engine = live_bytes();
+    let mut e = PolicyEngine::new("node-0");
+    let t = std::time::Instant::now();
+    let first = e.update(&m);
+    let compile = t.elapsed();
+    // The diff is transient (handed to the datapath, then dropped).
+    drop(first);
+    let engine_bytes = live_bytes() - before_engine;
+    let mb = |b: isize| b as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "10 000 pods, 1 000 policies (heap bytes requested): model {:.1} MB (pods {:.1} MB incl. {} \
+         local pods whole, policies {:.1} MB), published revision {:.1} MB more, engine {:.1} MB \
+         ({} endpoints, {} entries, {} identities); first compile {compile:?}",
+        mb(model_bytes),
+        mb(pods_bytes),
+        m.local_pods.len(),
+        mb(policy_bytes),
+        mb(clone_bytes),
+        mb(engine_bytes),
+        e.compiled().endpoints.len(),
+        e.compiled().entry_count(),
+        e.compiled().identities.len()
+    );
+    assert_eq!(m.pods.len(), 10_000);
+    // Budgets with headroom over what this layout needs (9, 3 and 6 MB when written).
+    assert!(mb(model_bytes) < 14.0, "model {:.1} MB", mb(model_bytes));
+    assert!(
+        mb(clone_bytes) < 5.0,
+        "published revision {:.1} MB",
+        mb(clone_bytes)
+    );
+    assert!(mb(engine_bytes) < 10.0, "engine {:.1} MB", mb(engine_bytes));
+    drop(published);
+}

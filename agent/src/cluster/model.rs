@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// One typed in-memory model of the cluster as this node needs it.
 ///
@@ -29,8 +29,9 @@ pub struct ClusterModel {
     pub pods: BTreeMap<(String, String), Arc<PodInfo>>,
     /// Every Namespace, by name.
     pub namespaces: BTreeMap<String, Namespace>,
-    /// Every NetworkPolicy (networking.k8s.io/v1), by (namespace, name).
-    pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
+    /// Every NetworkPolicy (networking.k8s.io/v1), by (namespace, name); shared by `Arc`
+    /// between revisions like the pods.
+    pub network_policies: BTreeMap<(String, String), Arc<NetworkPolicy>>,
     /// True once every watched kind has been listed at least once.
     pub synced: bool,
     /// Bumped on every published change.
@@ -46,16 +47,17 @@ pub struct PodInfo {
     pub uid: String,
     /// `spec.nodeName` (None: not scheduled yet).
     pub node_name: Option<String>,
-    /// `metadata.labels`.
-    pub labels: BTreeMap<String, String>,
+    /// `metadata.labels` (interned: pods with the same labels share one map).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// IPv4 addresses of `status.podIPs` (or `status.podIP`), in order, without duplicates.
     pub ips: Vec<Ipv4Addr>,
     /// `spec.hostNetwork`: the pod uses its node's addresses; it is no policy endpoint or peer.
     pub host_network: bool,
     /// `status.phase` is `Succeeded` or `Failed`: its address may already belong to another pod.
     pub terminated: bool,
-    /// Named ports of `spec.containers[].ports` (unnamed ones are of no use to policy).
-    pub named_ports: Vec<NamedPort>,
+    /// Named ports of `spec.containers[].ports` (unnamed ones are of no use to policy;
+    /// interned like the labels).
+    pub named_ports: Arc<Vec<NamedPort>>,
 }
 
 /// A named container port.
@@ -116,20 +118,73 @@ impl PodInfo {
             name,
             uid: p.metadata.uid.clone().unwrap_or_default(),
             node_name: spec.and_then(|s| s.node_name.clone()),
-            labels: p.metadata.labels.clone().unwrap_or_default(),
+            labels: LABELS.intern(p.metadata.labels.clone().unwrap_or_default()),
             ips,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminated: matches!(
                 status.and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             ),
-            named_ports,
+            named_ports: PORTS.intern(named_ports),
         }
     }
 
     /// `namespace/name`.
     pub fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Pods of one workload share their labels and ports: one copy each, whatever the number of
+/// pods.
+static LABELS: Interner<BTreeMap<String, String>> = Interner::new();
+static PORTS: Interner<Vec<NamedPort>> = Interner::new();
+
+/// A content-addressed pool of shared values that holds them weakly: a value lives as long as
+/// some pod (of any model revision) refers to it.
+struct Interner<T> {
+    buckets: std::sync::Mutex<Option<std::collections::HashMap<u64, Vec<Weak<T>>>>>,
+    since_sweep: std::sync::atomic::AtomicUsize,
+}
+
+impl<T: std::hash::Hash + Eq> Interner<T> {
+    const fn new() -> Interner<T> {
+        Interner {
+            buckets: std::sync::Mutex::new(None),
+            since_sweep: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn intern(&self, value: T) -> Arc<T> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(&value);
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let map = guard.get_or_insert_with(Default::default);
+        let bucket = map.entry(hash).or_default();
+        bucket.retain(|w| w.strong_count() > 0);
+        if let Some(found) = bucket
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|a| **a == value)
+        {
+            return found;
+        }
+        let shared = Arc::new(value);
+        bucket.push(Arc::downgrade(&shared));
+        // Now and then, forget values no pod uses any more.
+        let n = self
+            .since_sweep
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n >= 4096 && n >= map.len() {
+            self.since_sweep
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            map.retain(|_, b| {
+                b.retain(|w| w.strong_count() > 0);
+                !b.is_empty()
+            });
+        }
+        shared
     }
 }
 
@@ -309,7 +364,7 @@ impl ClusterModel {
             }
             Object::NetworkPolicy(np) => {
                 self.network_policies
-                    .insert(namespaced_key(&np.metadata), np);
+                    .insert(namespaced_key(&np.metadata), Arc::new(np));
             }
         }
     }

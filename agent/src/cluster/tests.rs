@@ -154,7 +154,7 @@ fn all_pods_kept_as_policy_view_local_ones_whole() {
     assert_eq!(a.node_name.as_deref(), Some("n1"));
     assert_eq!(a.labels.get("pod").map(String::as_str), Some("a"));
     assert_eq!(
-        a.named_ports,
+        *a.named_ports,
         [
             NamedPort {
                 name: "http".into(),
@@ -169,6 +169,10 @@ fn all_pods_kept_as_policy_view_local_ones_whole() {
         ]
     );
     assert!(!a.host_network && !a.terminated);
+    // Pods with the same labels and ports share one copy of them.
+    let twin = PodInfo::from_pod(&here);
+    assert!(std::sync::Arc::ptr_eq(&twin.labels, &a.labels));
+    assert!(std::sync::Arc::ptr_eq(&twin.named_ports, &a.named_ports));
     // Stripping keeps exactly the policy view.
     let stripped = match Object::Pod(there.clone()).slim("n1") {
         Object::Pod(p) => p,

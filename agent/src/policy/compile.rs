@@ -15,16 +15,19 @@ use std::sync::Arc;
 pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// What compilation reads of the model, kept by the engine for [`super::PolicyEngine::trace`].
+/// Pods are held by position (no key copies): 10 000 pods cost a few pointers each here.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub node: String,
-    /// Pods that take part in policy: not `hostNetwork`, not terminated.
-    pub pods: BTreeMap<PodKey, Arc<PodInfo>>,
-    pub pod_identity: BTreeMap<PodKey, Identity>,
-    /// The first pod holding each address.
-    pub pod_by_ip: BTreeMap<Ipv4Addr, PodKey>,
+    /// Pods that take part in policy (not `hostNetwork`, not terminated), in (namespace, name)
+    /// order.
+    pub pods: Vec<Arc<PodInfo>>,
+    /// The identity of each pod of `pods`.
+    pub identity: Vec<Identity>,
+    /// The first pod (index in `pods`) holding each address.
+    pub pod_by_ip: BTreeMap<Ipv4Addr, u32>,
     /// Namespace labels (with the name label) of every namespace known or holding a pod.
-    pub ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub ns_labels: BTreeMap<String, Arc<BTreeMap<String, String>>>,
     /// Valid policies.
     pub policies: Vec<Arc<ParsedPolicy>>,
     /// Policy indexes by namespace.
@@ -51,11 +54,18 @@ impl Snapshot {
             .map(|(ip, _)| *ip)
     }
 
-    fn labels_of_namespace(&self, ns: &str) -> BTreeMap<String, String> {
+    /// Index of the pod `namespace/name`.
+    pub fn find(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.pods
+            .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
+            .ok()
+    }
+
+    fn labels_of_namespace(&mut self, ns: &str) -> Arc<BTreeMap<String, String>> {
         self.ns_labels
-            .get(ns)
-            .cloned()
-            .unwrap_or_else(|| BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]))
+            .entry(ns.to_string())
+            .or_insert_with(|| Arc::new(BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.into())])))
+            .clone()
     }
 }
 
@@ -74,45 +84,36 @@ pub(crate) fn compile_with_snapshot(
     for (name, ns) in &model.namespaces {
         let mut labels = ns.metadata.labels.clone().unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-        snap.ns_labels.insert(name.clone(), labels);
+        snap.ns_labels.insert(name.clone(), Arc::new(labels));
     }
-    for (key, pod) in &model.pods {
-        if pod.host_network || pod.terminated {
-            continue;
-        }
-        snap.pods.insert(key.clone(), pod.clone());
-    }
+    // The model's map is in (namespace, name) order, so `pods` is sorted.
+    snap.pods = model
+        .pods
+        .values()
+        .filter(|p| !p.host_network && !p.terminated)
+        .cloned()
+        .collect();
 
     // Identities: known sets first, then new ones in canonical order (deterministic).
-    let mut sets: Vec<(PodKey, LabelSet)> = snap
-        .pods
+    let pods = std::mem::take(&mut snap.pods);
+    let sets: Vec<LabelSet> = pods
         .iter()
-        .map(|(key, pod)| {
-            let set = LabelSet {
-                namespace: pod.namespace.clone(),
-                pod_labels: pod.labels.clone(),
-                namespace_labels: snap.labels_of_namespace(&pod.namespace),
-            };
-            (key.clone(), set)
+        .map(|pod| LabelSet {
+            namespace: pod.namespace.clone(),
+            pod_labels: pod.labels.clone(),
+            namespace_labels: snap.labels_of_namespace(&pod.namespace),
         })
         .collect();
-    let mut fresh: Vec<&LabelSet> = sets
-        .iter()
-        .filter(|(_, s)| alloc.lookup(s).is_none())
-        .map(|(_, s)| s)
-        .collect();
+    snap.pods = pods;
+    let mut fresh: Vec<&LabelSet> = sets.iter().filter(|s| alloc.lookup(s).is_none()).collect();
     fresh.sort_by_cached_key(|s| s.canonical());
     fresh.dedup();
     for s in fresh {
         alloc.allocate(s);
     }
-    let mut in_use = BTreeSet::new();
-    for (key, set) in sets.drain(..) {
-        let id = alloc.allocate(&set);
-        in_use.insert(id);
-        snap.pod_identity.insert(key, id);
-    }
-    alloc.retain(&in_use);
+    snap.identity = sets.iter().map(|s| alloc.allocate(s)).collect();
+    drop(sets);
+    alloc.retain(&snap.identity.iter().copied().collect());
     snap.identities = alloc.iter().map(|(id, l)| (id, l.clone())).collect();
 
     // ipcache: node addresses, then pod addresses.
@@ -124,15 +125,16 @@ pub(crate) fn compile_with_snapshot(
             ipcache.insert(ip, if v.name == node { HOST } else { REMOTE_NODE });
         }
     }
-    for (key, pod) in &snap.pods {
+    for (i, pod) in snap.pods.iter().enumerate() {
         for ip in &pod.ips {
-            if let Some(other) = snap.pod_by_ip.get(ip) {
-                tracing::debug!(%ip, pod = %pod.display_name(), holder = ?other,
+            if let Some(&other) = snap.pod_by_ip.get(ip) {
+                tracing::debug!(%ip, pod = %pod.display_name(),
+                    holder = %snap.pods[other as usize].display_name(),
                     "address held by two pods; the first keeps it");
                 continue;
             }
-            snap.pod_by_ip.insert(*ip, key.clone());
-            ipcache.insert(*ip, snap.pod_identity[key]);
+            snap.pod_by_ip.insert(*ip, i as u32);
+            ipcache.insert(*ip, snap.identity[i]);
         }
     }
 
@@ -165,9 +167,10 @@ pub(crate) fn compile_with_snapshot(
     let snap = Arc::new(snap);
     let compiler = Compiler::new(&snap);
     let mut endpoints = BTreeMap::new();
-    for (key, pod) in &snap.pods {
+    for (i, pod) in snap.pods.iter().enumerate() {
         if pod.node_name.as_deref() == Some(node) {
-            endpoints.insert(key.clone(), compiler.endpoint(key, pod));
+            let key: PodKey = (pod.namespace.clone(), pod.name.clone());
+            endpoints.insert(key, compiler.endpoint(i));
         }
     }
     let compiled = Compiled {
@@ -203,12 +206,13 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// The policy of the pod `key` (any pod of the snapshot, local or not).
-    pub fn endpoint(&self, key: &PodKey, pod: &PodInfo) -> EndpointPolicy {
+    /// The policy of the pod at `index` in the snapshot (local or not).
+    pub fn endpoint(&self, index: usize) -> EndpointPolicy {
+        let pod = &self.snap.pods[index];
         let mut ep = EndpointPolicy {
             uid: pod.uid.clone(),
             ips: pod.ips.clone(),
-            identity: self.snap.pod_identity.get(key).copied().unwrap_or(0),
+            identity: self.snap.identity[index],
             ..Default::default()
         };
         let selecting: Vec<usize> = self
@@ -348,7 +352,7 @@ impl<'a> Compiler<'a> {
             })
             .collect();
         let mut set = BTreeSet::new();
-        for (key, dst) in &self.snap.pods {
+        for (i, dst) in self.snap.pods.iter().enumerate() {
             let ports: Vec<(Protocol, u16)> = named
                 .iter()
                 .filter_map(|(proto, name)| resolve_named(dst, *proto, name).map(|p| (*proto, p)))
@@ -356,14 +360,10 @@ impl<'a> Compiler<'a> {
             if ports.is_empty() {
                 continue;
             }
-            let labels = self
-                .snap
-                .pod_identity
-                .get(key)
-                .and_then(|id| self.snap.identities.get(id));
+            let labels = self.snap.identities.get(&self.snap.identity[i]);
             for ip in &dst.ips {
                 // Only the address the ipcache gives this pod is its own.
-                if self.snap.pod_by_ip.get(ip) != Some(key) {
+                if self.snap.pod_by_ip.get(ip) != Some(&(i as u32)) {
                     continue;
                 }
                 let selected = match &rule.peers {

@@ -72,11 +72,11 @@ pub fn reserved_name(id: Identity) -> Option<&'static str> {
 pub struct LabelSet {
     /// The pod's namespace.
     pub namespace: String,
-    /// The pod's labels.
-    pub pod_labels: BTreeMap<String, String>,
+    /// The pod's labels (shared with the pod's [`PodInfo`](crate::cluster::PodInfo)).
+    pub pod_labels: Arc<BTreeMap<String, String>>,
     /// Its namespace's labels (with `kubernetes.io/metadata.name`, which the API server sets on
-    /// every namespace).
-    pub namespace_labels: BTreeMap<String, String>,
+    /// every namespace; shared by every set of the namespace).
+    pub namespace_labels: Arc<BTreeMap<String, String>>,
 }
 
 impl LabelSet {
@@ -85,10 +85,10 @@ impl LabelSet {
     /// `=` or a newline, so the form is unambiguous.
     pub fn canonical(&self) -> String {
         let mut s = format!("namespace:{}\n", self.namespace);
-        for (k, v) in &self.pod_labels {
+        for (k, v) in self.pod_labels.iter() {
             s.push_str(&format!("pod:{k}={v}\n"));
         }
-        for (k, v) in &self.namespace_labels {
+        for (k, v) in self.namespace_labels.iter() {
             s.push_str(&format!("ns:{k}={v}\n"));
         }
         s

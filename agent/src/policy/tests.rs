@@ -100,8 +100,8 @@ fn selectors() {
 fn set(ns: &str, pod: &[(&str, &str)]) -> LabelSet {
     LabelSet {
         namespace: ns.into(),
-        pod_labels: labels(pod),
-        namespace_labels: labels(&[("kubernetes.io/metadata.name", ns)]),
+        pod_labels: labels(pod).into(),
+        namespace_labels: labels(&[("kubernetes.io/metadata.name", ns)]).into(),
     }
 }
 

@@ -4,11 +4,9 @@ use super::identity::{HOST, REMOTE_NODE, WORLD, reserved_name};
 use super::{
     Compiled, Direction, EndpointPolicy, Entry, Identity, Origin, PodKey, PolicyName, Protocol,
 };
-use crate::cluster::PodInfo;
 use crate::error::{Error, Result};
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 /// One end of a traced connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +159,8 @@ impl fmt::Display for HalfTrace {
 
 /// One resolved end.
 enum End {
-    Pod(PodKey, Arc<PodInfo>),
+    /// Index in the snapshot's pods.
+    Pod(usize),
     Addr(Ipv4Addr),
     Host,
 }
@@ -207,16 +206,15 @@ pub(crate) fn trace(
 fn resolve(snap: &Snapshot, p: &TracePeer) -> Result<End> {
     Ok(match p {
         TracePeer::Pod { namespace, name } => {
-            let key = (namespace.clone(), name.clone());
-            let pod = snap.pods.get(&key).ok_or_else(|| {
+            let i = snap.find(namespace, name).ok_or_else(|| {
                 Error::NotFound(format!(
                     "pod {namespace}/{name} (unknown, host-network or terminated)"
                 ))
             })?;
-            End::Pod(key, pod.clone())
+            End::Pod(i)
         }
         TracePeer::Ip(a) => match snap.pod_by_ip.get(a) {
-            Some(key) => End::Pod(key.clone(), snap.pods[key].clone()),
+            Some(&i) => End::Pod(i as usize),
             None => End::Addr(*a),
         },
         TracePeer::Host => End::Host,
@@ -227,10 +225,7 @@ fn resolve(snap: &Snapshot, p: &TracePeer) -> Result<End> {
 fn seen_from(snap: &Snapshot, end: &End, node: Option<&str>) -> (Identity, Option<Ipv4Addr>) {
     let node_relative = |n: &str| if Some(n) == node { HOST } else { REMOTE_NODE };
     match end {
-        End::Pod(key, pod) => (
-            snap.pod_identity.get(key).copied().unwrap_or(WORLD),
-            pod.ips.first().copied(),
-        ),
+        End::Pod(i) => (snap.identity[*i], snap.pods[*i].ips.first().copied()),
         End::Host => (node_relative(&snap.node), snap.node_ip(&snap.node)),
         End::Addr(a) => match snap.node_ips.get(a) {
             Some(n) => (node_relative(n), Some(*a)),
@@ -250,7 +245,7 @@ fn half(
     proto: Protocol,
     port: u16,
 ) -> HalfTrace {
-    let End::Pod(key, pod) = this else {
+    let End::Pod(index) = this else {
         let (peer_identity, peer_addr) = seen_from(snap, other, None);
         return HalfTrace {
             direction,
@@ -263,13 +258,15 @@ fn half(
             matched: Vec::new(),
         };
     };
+    let pod = &snap.pods[*index];
     let node = pod.node_name.as_deref();
     let (peer_identity, peer_addr) = seen_from(snap, other, node);
     let owned;
-    let ep: &EndpointPolicy = match compiled.endpoints.get(key) {
+    let key: PodKey = (pod.namespace.clone(), pod.name.clone());
+    let ep: &EndpointPolicy = match compiled.endpoints.get(&key) {
         Some(ep) => ep,
         None => {
-            owned = compiler.endpoint(key, pod);
+            owned = compiler.endpoint(*index);
             &owned
         }
     };
