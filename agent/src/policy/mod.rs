@@ -1,11 +1,11 @@
 //! The NetworkPolicy engine (issue 9, userspace half): Kubernetes objects from the
-//! [`ClusterModel`](crate::cluster::ClusterModel) in, per-endpoint policy entries and their
+//! [`crate::cluster::ClusterModel`] in, per-endpoint policy entries and their
 //! differences out (DESIGN §3.4, §8). Plain synchronous code; the datapath half (per-endpoint
 //! policy map, identities in the ipcache, conntrack) applies what it produces.
 //!
 //! # Pipeline
 //!
-//! 1. **Policies** are validated ([`parse`]); an invalid one (unknown operator, bad CIDR, port out
+//! 1. **Policies** are validated (module `parse`); an invalid one (unknown operator, bad CIDR, port out
 //!    of range, `endPort` without a numeric port or below it, unknown protocol, a peer with no or
 //!    with conflicting selectors, …) is rejected with a reason ([`Compiled::rejected`]) and treated
 //!    as absent: it never changes what other policies allow or deny.
