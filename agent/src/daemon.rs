@@ -28,6 +28,7 @@ use crate::{
 use berth_ebpf_common::{DatapathConfig, routing_mode};
 use ipnet::Ipv4Net;
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -337,6 +338,9 @@ async fn routing_loop(
     pod_cidr: Ipv4Net,
 ) {
     let mut applied_revision = models.borrow().revision;
+    // The model changes with every pod of the cluster; routing only cares about nodes.
+    let mut last_desired: Option<BTreeMap<Ipv4Net, routing::Remote>> = None;
+    let mut last_ok = false;
     loop {
         let changed = tokio::select! {
             r = models.changed() => {
@@ -354,10 +358,15 @@ async fn routing_loop(
         }
         applied_revision = model.revision;
         let desired = routing::desired_remotes(&node_routes(&model), &node_name, Some(pod_cidr));
+        if changed && last_ok && last_desired.as_ref() == Some(&desired) {
+            continue;
+        }
+        last_desired = Some(desired.clone());
         let router = router.clone();
         let started = Instant::now();
         let res =
             tokio::task::spawn_blocking(move || router.lock().unwrap().reconcile(&desired)).await;
+        last_ok = matches!(res, Ok(Ok(_)));
         match res {
             Ok(Ok(ch)) if ch.is_empty() => {}
             Ok(Ok(ch)) => tracing::info!(
