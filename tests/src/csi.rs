@@ -332,6 +332,20 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Loop devices still backed by files under `dir` once the kernel has had up to 10 s to let go of
+/// them: `losetup -d` on a device that a just-unmounted filesystem still holds only marks it for
+/// autoclear, and the device goes when the last reference does (slower on a loaded machine).
+pub fn loops_left_under(dir: &Path) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = loops_under(dir);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 impl Drop for CsiEnv {
     fn drop(&mut self) {
         if std::thread::panicking() {

@@ -452,7 +452,7 @@ async fn publish_unpublish_conformance() {
     assert!(!link.exists(), "detach removes the by-id link");
     c.detach(&id, &node).await;
     assert!(
-        berth_tests::csi::loops_under(e.dir.path()).is_empty(),
+        berth_tests::csi::loops_left_under(e.dir.path()).is_empty(),
         "detach frees the loop device"
     );
     c.delete(&id).await;
@@ -1063,7 +1063,8 @@ async fn lifecycle(fs: &str) {
         "mounts left: {:?}",
         e.mounts_under_dir()
     );
-    assert!(loops_under(e.dir.path()).is_empty());
+    let left = berth_tests::csi::loops_left_under(e.dir.path());
+    assert!(left.is_empty(), "loop devices left: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

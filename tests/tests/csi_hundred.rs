@@ -109,7 +109,7 @@ async fn hundred_volumes_attached_and_the_101st_refused() {
     }
     set.join_all().await;
     assert!(
-        loops_under(e.dir.path()).is_empty(),
+        berth_tests::csi::loops_left_under(e.dir.path()).is_empty(),
         "every loop device detached"
     );
     let mut set = JoinSet::new();
