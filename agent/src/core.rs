@@ -8,17 +8,20 @@ use crate::{
 };
 use berth_ebpf_common::{EP_FLAG_READY, EndpointInfo};
 use berth_proto::agent::{
-    self as pb, AllocateRequest, AllocateResponse, Attachment, CheckRequest, CheckResponse,
-    CreateEndpointRequest, CreateEndpointResponse, GcRequest, GcResponse, LocalError, LocalRequest,
-    LocalResponse, ReleaseRequest, ReleaseResponse, StatusResponse, local_request::Op,
-    local_response,
+    self as pb, AddEndpointRequest, AddEndpointResponse, AllocateRequest, AllocateResponse,
+    Attachment, CheckRequest, CheckResponse, CreateEndpointRequest, CreateEndpointResponse,
+    GcRequest, GcResponse, LocalError, LocalRequest, LocalResponse, ReleaseRequest,
+    ReleaseResponse, StatusResponse, local_request::Op, local_response,
 };
 use ipnet::Ipv4Net;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     path::Path,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,6 +41,18 @@ pub struct CoreConfig {
 
 /// Deletes a host-side interface `(name, ifindex)` in the background.
 pub type LinkDeleter = Box<dyn Fn(String, u32) + Send + Sync>;
+
+/// How the node reaches other nodes' pods, for `berthctl status` (set once the topology is
+/// known: [`AgentCore::with_node_networking`]; the routed remote count moves with the routing
+/// loop: [`AgentCore::set_remote_pod_cidrs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeNetworking {
+    /// `"native"` or `"vxlan"` (the `RoutingMode`'s display form).
+    pub routing_mode: String,
+    /// Name of the uplink interface; `None` on a node without one.
+    pub uplink: Option<String>,
+    pub node_ip: Option<Ipv4Addr>,
+}
 
 struct Inner {
     state: State,
@@ -60,6 +75,8 @@ struct Persist {
 /// The agent's state and logic.
 pub struct AgentCore {
     cfg: CoreConfig,
+    networking: NodeNetworking,
+    remote_pod_cidrs: AtomicU32,
     link_deleter: Option<LinkDeleter>,
     inner: Mutex<Inner>,
     persist: Mutex<Persist>,
@@ -97,6 +114,38 @@ fn fmt_mac(m: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The host side of a plumbed attachment, as the plugin reports it.
+struct Plumbed {
+    host_ifindex: u32,
+    host_ifname: String,
+    pod_mac: [u8; 6],
+    host_mac: [u8; 6],
+    netns: String,
+}
+
+impl Plumbed {
+    fn check(
+        host_ifindex: u32,
+        host_ifname: String,
+        pod_mac: &[u8],
+        host_mac: &[u8],
+        netns: String,
+    ) -> Result<Self> {
+        if host_ifindex == 0 || host_ifname.is_empty() {
+            return Err(Error::InvalidArgument(
+                "host_ifindex and host_ifname are required".into(),
+            ));
+        }
+        Ok(Plumbed {
+            host_ifindex,
+            host_ifname,
+            pod_mac: mac6(pod_mac, "pod_mac")?,
+            host_mac: mac6(host_mac, "host_mac")?,
+            netns,
+        })
+    }
+}
+
 impl AgentCore {
     /// Loads the persisted state and reconciles the datapath with it.
     pub fn new(cfg: CoreConfig, store: Store, dp: Box<dyn Datapath>) -> Result<Self> {
@@ -121,6 +170,8 @@ impl AgentCore {
             .collect();
         let core = AgentCore {
             cfg,
+            networking: NodeNetworking::default(),
+            remote_pod_cidrs: AtomicU32::new(0),
             link_deleter: None,
             inner: Mutex::new(Inner {
                 state,
@@ -144,6 +195,17 @@ impl AgentCore {
     pub fn with_link_deleter(mut self, deleter: LinkDeleter) -> Self {
         self.link_deleter = Some(deleter);
         self
+    }
+
+    /// Records how the node routes to other nodes' pods (shown by `status`).
+    pub fn with_node_networking(mut self, networking: NodeNetworking) -> Self {
+        self.networking = networking;
+        self
+    }
+
+    /// Records how many other nodes' pod CIDRs are routed now (after each routing reconcile).
+    pub fn set_remote_pod_cidrs(&self, count: u32) {
+        self.remote_pod_cidrs.store(count, Ordering::Relaxed);
     }
 
     /// Makes the datapath match the registry: endpoint entries for every ready endpoint whose
@@ -257,48 +319,7 @@ impl AgentCore {
     pub fn allocate(&self, req: AllocateRequest) -> Result<AllocateResponse> {
         let (cid, ifname) = attachment_of(&req.attachment)?;
         let mut g = self.inner.lock().unwrap();
-        let inner = &mut *g;
-        let k = store::key(&cid, &ifname);
-        let address = if let Some(ep) = inner.state.endpoints.get(&k) {
-            if ep.state == EndpointState::Allocated {
-                // A retried ADD: its lease starts again.
-                inner.allocated_at.insert(k.clone(), Instant::now());
-            }
-            ep.address
-        } else {
-            let used: BTreeSet<Ipv4Addr> =
-                inner.state.endpoints.values().map(|e| e.address).collect();
-            let ip = ipam::next_free(&self.cfg.pod_cidr, &used, inner.state.last_allocated)?;
-            let pod = req.pod.unwrap_or_default();
-            let id = inner.state.next_endpoint_id;
-            inner.state.next_endpoint_id = id.checked_add(1).unwrap_or(1);
-            inner.state.last_allocated = Some(ip);
-            inner.allocated_at.insert(k.clone(), Instant::now());
-            inner.state.endpoints.insert(
-                k,
-                EndpointRecord {
-                    id,
-                    container_id: cid.clone(),
-                    ifname: ifname.clone(),
-                    pod_namespace: pod.namespace,
-                    pod_name: pod.name,
-                    pod_uid: pod.uid,
-                    address: ip,
-                    netns: req.netns,
-                    state: EndpointState::Allocated,
-                    host_ifname: String::new(),
-                    host_ifindex: 0,
-                    pod_mac: [0; 6],
-                    host_mac: [0; 6],
-                    created_unix: now_unix(),
-                },
-            );
-            // Not persisted yet: an allocation only matters once the endpoint is ready (then it is
-            // saved). If the agent dies in between, the plugin's CreateEndpoint fails, the ADD is
-            // rolled back and retried, and no pod ever used the address.
-            tracing::info!(container = %cid, ifname = %ifname, address = %ip, endpoint = id, "address allocated");
-            ip
-        };
+        let (address, _) = self.allocate_locked(&mut g, &cid, &ifname, req.pod, req.netns)?;
         Ok(AllocateResponse {
             address: format!("{address}/32"),
             gateway: ipam::GATEWAY.to_string(),
@@ -307,32 +328,210 @@ impl AgentCore {
         })
     }
 
+    /// The address of `cid/ifname`, allocated now unless it has one; `true` when new.
+    fn allocate_locked(
+        &self,
+        inner: &mut Inner,
+        cid: &str,
+        ifname: &str,
+        pod: Option<pb::PodRef>,
+        netns: String,
+    ) -> Result<(Ipv4Addr, bool)> {
+        let k = store::key(cid, ifname);
+        if let Some(ep) = inner.state.endpoints.get(&k) {
+            if ep.state == EndpointState::Allocated {
+                // A retried ADD: its lease starts again.
+                inner.allocated_at.insert(k.clone(), Instant::now());
+            }
+            return Ok((ep.address, false));
+        }
+        let used: BTreeSet<Ipv4Addr> = inner.state.endpoints.values().map(|e| e.address).collect();
+        let ip = ipam::next_free(&self.cfg.pod_cidr, &used, inner.state.last_allocated)?;
+        let pod = pod.unwrap_or_default();
+        let id = inner.state.next_endpoint_id;
+        inner.state.next_endpoint_id = id.checked_add(1).unwrap_or(1);
+        inner.state.last_allocated = Some(ip);
+        inner.allocated_at.insert(k.clone(), Instant::now());
+        inner.state.endpoints.insert(
+            k,
+            EndpointRecord {
+                id,
+                container_id: cid.to_string(),
+                ifname: ifname.to_string(),
+                pod_namespace: pod.namespace,
+                pod_name: pod.name,
+                pod_uid: pod.uid,
+                address: ip,
+                netns,
+                state: EndpointState::Allocated,
+                host_ifname: String::new(),
+                host_ifindex: 0,
+                pod_mac: [0; 6],
+                host_mac: [0; 6],
+                created_unix: now_unix(),
+            },
+        );
+        // Not persisted yet: an allocation only matters once the endpoint is ready (then it is
+        // saved). If the agent dies in between, the plugin's CreateEndpoint fails, the ADD is
+        // rolled back and retried, and no pod ever used the address.
+        tracing::info!(container = %cid, ifname = %ifname, address = %ip, endpoint = id, "address allocated");
+        Ok((ip, true))
+    }
+
     /// Programs the datapath for a plumbed attachment.
     pub fn create_endpoint(&self, req: CreateEndpointRequest) -> Result<CreateEndpointResponse> {
         let (cid, ifname) = attachment_of(&req.attachment)?;
-        if req.host_ifindex == 0 || req.host_ifname.is_empty() {
-            return Err(Error::InvalidArgument(
-                "host_ifindex and host_ifname are required".into(),
-            ));
-        }
-        let pod_mac = mac6(&req.pod_mac, "pod_mac")?;
-        let host_mac = mac6(&req.host_mac, "host_mac")?;
+        let plumbed = Plumbed::check(
+            req.host_ifindex,
+            req.host_ifname,
+            &req.pod_mac,
+            &req.host_mac,
+            req.netns,
+        )?;
         let mut g = self.inner.lock().unwrap();
-        let inner = &mut *g;
-        let k = store::key(&cid, &ifname);
-        let Some(ep) = inner.state.endpoints.get(&k).cloned() else {
+        if !g.state.endpoints.contains_key(&store::key(&cid, &ifname)) {
             return Err(Error::NotFound(format!(
                 "no address allocated for {cid}/{ifname} (never allocated, released, or its \
                  allocation lease expired); Allocate first"
             )));
+        }
+        let id = Self::ready_locked(&mut g, &cid, &ifname, plumbed)?;
+        drop(g);
+        self.commit()?;
+        Ok(CreateEndpointResponse { endpoint_id: id })
+    }
+
+    /// Allocate and CreateEndpoint at once, for a plugin that created the veth pair first. On
+    /// failure an address allocated by this call is released again (nothing is left behind that
+    /// would wait for the allocation lease).
+    ///
+    /// The state file is written while the filters attach (both take milliseconds): the write
+    /// already records the endpoint as ready. Should the attach fail, the change is undone and
+    /// written again; should the agent die in between, the plugin's ADD fails and deletes the
+    /// pair, and the restarted agent releases the endpoint whose interface vanished.
+    pub fn add_endpoint(&self, req: AddEndpointRequest) -> Result<AddEndpointResponse> {
+        let (cid, ifname) = attachment_of(&req.attachment)?;
+        let plumbed = Plumbed::check(
+            req.host_ifindex,
+            req.host_ifname,
+            &req.pod_mac,
+            &req.host_mac,
+            req.netns.clone(),
+        )?;
+        let k = store::key(&cid, &ifname);
+        let mut g = self.inner.lock().unwrap();
+        let (address, new) = self.allocate_locked(&mut g, &cid, &ifname, req.pod, req.netns)?;
+        let before = g.state.endpoints.get(&k).cloned().expect("just allocated");
+        let ep = match Self::prepare_ready_locked(&mut g, &k, plumbed) {
+            Ok(ep) => ep,
+            Err(e) => {
+                if new {
+                    let _ = Self::release_locked(&mut g, &cid, &ifname);
+                }
+                return Err(e);
+            }
         };
-        let mut ep = ep;
-        ep.host_ifname = req.host_ifname;
-        ep.host_ifindex = req.host_ifindex;
-        ep.pod_mac = pod_mac;
-        ep.host_mac = host_mac;
-        if !req.netns.is_empty() {
-            ep.netns = req.netns;
+        let snapshot = (g.version, g.state.clone());
+        let (attached, saved) = std::thread::scope(|s| {
+            let saving = s.spawn(|| self.save_snapshot(snapshot.0, &snapshot.1));
+            let attached = g.dp.attach(&ep.host_ifname);
+            if let Err(e) = &attached {
+                // Undo: no entry, and the record as it was (or none).
+                if let Err(e2) = g.dp.remove_endpoint(ep.address, ep.id) {
+                    tracing::warn!(address = %ep.address, error = %e2, "removing the endpoint entry after a failed attach");
+                }
+                if new {
+                    if let Err(e2) = Self::release_locked(&mut g, &cid, &ifname) {
+                        tracing::warn!(container = %cid, ifname = %ifname, error = %e2, "releasing the address of a failed AddEndpoint");
+                    }
+                } else {
+                    if before.state == EndpointState::Allocated {
+                        g.allocated_at.insert(k.clone(), Instant::now());
+                    }
+                    g.state.endpoints.insert(k.clone(), before);
+                    g.version += 1;
+                }
+                tracing::warn!(container = %cid, ifname = %ifname, error = %e, "AddEndpoint: attach failed");
+            }
+            // Not held while the write finishes: a concurrent commit may hold the state file and
+            // wait for this lock.
+            drop(g);
+            (attached, saving.join().expect("state writer"))
+        });
+        match attached {
+            Ok(()) => {
+                saved?;
+                tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
+            }
+            Err(e) => {
+                if let Err(e2) = self.commit() {
+                    tracing::warn!(error = %e2, "saving state after a failed AddEndpoint");
+                }
+                return Err(e);
+            }
+        }
+        Ok(AddEndpointResponse {
+            address: format!("{address}/32"),
+            gateway: ipam::GATEWAY.to_string(),
+            mtu: self.cfg.mtu,
+            pod_cidr: self.cfg.pod_cidr.to_string(),
+            endpoint_id: ep.id,
+        })
+    }
+
+    /// Records endpoint `k` as ready on `plumbed` and writes its entry (not the filters).
+    fn prepare_ready_locked(
+        inner: &mut Inner,
+        k: &str,
+        plumbed: Plumbed,
+    ) -> Result<EndpointRecord> {
+        let mut ep = inner
+            .state
+            .endpoints
+            .get(k)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no address allocated for {k}")))?;
+        ep.host_ifname = plumbed.host_ifname;
+        ep.host_ifindex = plumbed.host_ifindex;
+        ep.pod_mac = plumbed.pod_mac;
+        ep.host_mac = plumbed.host_mac;
+        if !plumbed.netns.is_empty() {
+            ep.netns = plumbed.netns;
+        }
+        // The entry before the programs: the pod's first packet already finds its endpoint.
+        inner.dp.upsert_endpoint(ep.address, endpoint_info(&ep))?;
+        ep.state = EndpointState::Ready;
+        inner.allocated_at.remove(k);
+        inner.state.endpoints.insert(k.to_string(), ep.clone());
+        inner.version += 1;
+        Ok(ep)
+    }
+
+    /// Writes `state` (as of `version`) unless a write that includes it already happened.
+    fn save_snapshot(&self, version: u64, state: &State) -> Result<()> {
+        let mut p = self.persist.lock().unwrap();
+        if version <= p.persisted {
+            return Ok(());
+        }
+        p.store.save(state)?;
+        p.persisted = version;
+        Ok(())
+    }
+
+    /// Makes the allocated (or ready) endpoint `cid/ifname` ready on `plumbed`: entry, then
+    /// filters. The caller commits.
+    fn ready_locked(inner: &mut Inner, cid: &str, ifname: &str, plumbed: Plumbed) -> Result<u32> {
+        let k = store::key(cid, ifname);
+        let mut ep =
+            inner.state.endpoints.get(&k).cloned().ok_or_else(|| {
+                Error::NotFound(format!("no address allocated for {cid}/{ifname}"))
+            })?;
+        ep.host_ifname = plumbed.host_ifname;
+        ep.host_ifindex = plumbed.host_ifindex;
+        ep.pod_mac = plumbed.pod_mac;
+        ep.host_mac = plumbed.host_mac;
+        if !plumbed.netns.is_empty() {
+            ep.netns = plumbed.netns;
         }
         // The entry before the programs: the pod's first packet already finds its endpoint.
         inner.dp.upsert_endpoint(ep.address, endpoint_info(&ep))?;
@@ -348,9 +547,7 @@ impl AgentCore {
         tracing::info!(container = %cid, ifname = %ifname, endpoint = id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
         inner.state.endpoints.insert(k, ep);
         inner.version += 1;
-        drop(g);
-        self.commit()?;
-        Ok(CreateEndpointResponse { endpoint_id: id })
+        Ok(id)
     }
 
     fn release_locked(
@@ -511,6 +708,17 @@ impl AgentCore {
             endpoints: g.state.endpoints.len() as u32,
             uptime_seconds: self.started.elapsed().as_secs(),
             delete_queue_drained: g.queue_drained,
+            routing: Some(pb::RoutingStatus {
+                mode: self.networking.routing_mode.clone(),
+                uplink: self.networking.uplink.clone().unwrap_or_default(),
+                node_ip: self
+                    .networking
+                    .node_ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                pod_mtu: self.cfg.mtu,
+                remote_pod_cidrs: self.remote_pod_cidrs.load(Ordering::Relaxed),
+            }),
         }
     }
 
@@ -571,6 +779,7 @@ impl AgentCore {
             Some(Op::Release(r)) => self.release(r).map(R::Release),
             Some(Op::Check(r)) => self.check(r).map(R::Check),
             Some(Op::Gc(r)) => self.gc(r).map(R::Gc),
+            Some(Op::AddEndpoint(r)) => self.add_endpoint(r).map(R::AddEndpoint),
         };
         let result = result.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "local request failed");
@@ -1040,6 +1249,149 @@ mod tests {
         c.gc(GcRequest { valid: vec![] }).unwrap();
         drop(c);
         core_with(dir.path(), fake, "10.2.7.0/24").unwrap();
+    }
+
+    fn add(core: &AgentCore, c: &str, host_if: &str) -> Result<AddEndpointResponse> {
+        core.add_endpoint(AddEndpointRequest {
+            attachment: att(c),
+            host_ifindex: 11,
+            host_ifname: host_if.into(),
+            pod_mac: vec![2; 6],
+            host_mac: vec![3; 6],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn add_endpoint_allocates_and_makes_ready_in_one_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        let r = add(&c, "a1", "btha1").unwrap();
+        assert_eq!(r.gateway, ipam::GATEWAY.to_string());
+        assert_eq!(r.mtu, 1500);
+        let ip = r.address.trim_end_matches("/32").to_string();
+        assert_eq!(
+            fake.lock().unwrap().ops,
+            vec![format!("upsert {ip}"), "attach btha1".to_string()]
+        );
+        let ep = c
+            .check(CheckRequest {
+                attachment: att("a1"),
+            })
+            .unwrap()
+            .endpoint
+            .unwrap();
+        assert_eq!((ep.state.as_str(), ep.host_ifindex), ("ready", 11));
+        assert_eq!(ep.id, r.endpoint_id);
+        // A retried ADD (the runtime's retry after a lost answer) keeps the address.
+        assert_eq!(add(&c, "a1", "btha1").unwrap().address, r.address);
+        // Bad input is refused before anything is allocated.
+        let bad = c.add_endpoint(AddEndpointRequest {
+            attachment: att("a2"),
+            host_ifindex: 0,
+            host_ifname: "btha2".into(),
+            pod_mac: vec![2; 6],
+            host_mac: vec![3; 6],
+            ..Default::default()
+        });
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert_eq!(c.status().ipam.unwrap().allocated, 1);
+        // Durable: a restarted agent has it.
+        drop(c);
+        let c = core(dir.path(), fake);
+        assert_eq!(alloc(&c, "a1").unwrap(), r.address);
+        assert_eq!(c.status().ipam.unwrap().allocated, 1);
+    }
+
+    #[test]
+    fn failed_add_endpoint_leaves_no_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeState::default()));
+        let c = core(dir.path(), fake.clone());
+        fake.lock().unwrap().fail_attach = true;
+        assert!(add(&c, "f1", "bthf1").is_err());
+        assert_eq!(c.status().ipam.unwrap().allocated, 0);
+        assert!(fake.lock().unwrap().entries.is_empty());
+        // Through the framed protocol: an error answer.
+        let r = c.handle_local(LocalRequest {
+            op: Some(Op::AddEndpoint(AddEndpointRequest {
+                attachment: att("f1"),
+                host_ifindex: 11,
+                host_ifname: "bthf1".into(),
+                pod_mac: vec![2; 6],
+                host_mac: vec![3; 6],
+                ..Default::default()
+            })),
+        });
+        assert!(
+            matches!(r.result, Some(local_response::Result::Error(_))),
+            "{r:?}"
+        );
+        fake.lock().unwrap().fail_attach = false;
+        // Nothing of it reached the disk either.
+        drop(c);
+        let c = core(dir.path(), fake.clone());
+        assert_eq!(c.status().ipam.unwrap().allocated, 0);
+        // A failed re-ADD of a ready endpoint leaves it as it was, on disk too.
+        let first = add(&c, "r1", "bthr1").unwrap();
+        fake.lock().unwrap().fail_attach = true;
+        assert!(
+            c.add_endpoint(AddEndpointRequest {
+                attachment: att("r1"),
+                host_ifindex: 99,
+                host_ifname: "bthr1b".into(),
+                pod_mac: vec![2; 6],
+                host_mac: vec![3; 6],
+                ..Default::default()
+            })
+            .is_err()
+        );
+        fake.lock().unwrap().fail_attach = false;
+        drop(c);
+        let c = core(dir.path(), fake.clone());
+        let ep = c
+            .check(CheckRequest {
+                attachment: att("r1"),
+            })
+            .unwrap()
+            .endpoint
+            .unwrap();
+        assert_eq!((ep.host_ifindex, ep.address), (11, first.address));
+        c.release(ReleaseRequest {
+            attachment: att("r1"),
+        })
+        .unwrap();
+        // The pool is full: nothing is programmed.
+        for i in 0..13 {
+            add(&c, &format!("p{i}"), &format!("bthp{i}")).unwrap();
+        }
+        assert!(matches!(add(&c, "p13", "bthp13"), Err(Error::Exhausted(_))));
+        assert_eq!(fake.lock().unwrap().entries.len(), 13);
+    }
+
+    #[test]
+    fn status_reports_node_networking() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = core(dir.path(), Arc::new(Mutex::new(FakeState::default())));
+        let r = c.status().routing.unwrap();
+        assert_eq!(
+            (r.mode.as_str(), r.uplink.as_str(), r.node_ip.as_str()),
+            ("", "", "")
+        );
+        assert_eq!((r.pod_mtu, r.remote_pod_cidrs), (1500, 0));
+        let c = c.with_node_networking(NodeNetworking {
+            routing_mode: "vxlan".into(),
+            uplink: Some("eth0".into()),
+            node_ip: Some(Ipv4Addr::new(192, 168, 0, 1)),
+        });
+        c.set_remote_pod_cidrs(2);
+        let r = c.status().routing.unwrap();
+        assert_eq!(
+            (r.mode.as_str(), r.uplink.as_str(), r.node_ip.as_str()),
+            ("vxlan", "eth0", "192.168.0.1")
+        );
+        assert_eq!(r.remote_pod_cidrs, 2);
     }
 
     #[test]

@@ -7,15 +7,25 @@ use crate::{
     error::{Error, Result},
 };
 use berth_proto::agent::{
-    AllocateRequest, AllocateResponse, CheckRequest, CheckResponse, CreateEndpointRequest,
-    CreateEndpointResponse, GcRequest, GcResponse, ListEndpointsRequest, ListEndpointsResponse,
-    LocalRequest, LocalResponse, ReleaseRequest, ReleaseResponse, StatusRequest, StatusResponse,
+    AddEndpointRequest, AddEndpointResponse, AllocateRequest, AllocateResponse, CheckRequest,
+    CheckResponse, CreateEndpointRequest, CreateEndpointResponse, GcRequest, GcResponse,
+    ListEndpointsRequest, ListEndpointsResponse, LocalRequest, LocalResponse, ReleaseRequest,
+    ReleaseResponse, StatusRequest, StatusResponse,
     agent_server::{Agent, AgentServer},
 };
 use prost::Message;
-use std::{os::fd::AsRawFd, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{
+    os::fd::AsRawFd,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    io::Interest,
     net::{UnixListener, UnixStream},
     sync::mpsc,
 };
@@ -56,6 +66,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (grpc_tx, grpc_rx) = mpsc::channel::<UnixStream>(64);
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let workers = Arc::new(FramedWorkers::new(core.clone(), inflight.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let svc = AgentServer::new(AgentSvc(core.clone()));
     let grpc = tokio::spawn(async move {
@@ -78,15 +90,11 @@ pub async fn serve(
                     Ok(s) => s,
                     Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
                 };
-                let core = core.clone();
                 let grpc_tx = grpc_tx.clone();
+                let workers = workers.clone();
                 tokio::spawn(async move {
                     match sniff(&stream).await {
-                        Ok(true) => {
-                            if let Err(e) = serve_framed(core, stream).await {
-                                tracing::debug!(error = %e, "local connection closed");
-                            }
-                        }
+                        Ok(true) => workers.dispatch(stream),
                         Ok(false) => { let _ = grpc_tx.send(stream).await; }
                         Err(e) => tracing::debug!(error = %e, "connection closed before a request"),
                     }
@@ -97,6 +105,12 @@ pub async fn serve(
     let _ = stop_tx.send(());
     drop(grpc_tx);
     let _ = grpc.await;
+    // Framed requests being handled finish (their state changes are committed) before the
+    // process exits; idle connections are simply dropped with it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while inflight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     Ok(())
 }
 
@@ -135,11 +149,116 @@ async fn sniff(stream: &UnixStream) -> std::io::Result<bool> {
     }
 }
 
-async fn serve_framed(core: Arc<AgentCore>, mut stream: UnixStream) -> std::io::Result<()> {
+/// Idle time after which a framed connection's thread gives up on its client.
+const FRAMED_IDLE: Duration = Duration::from_secs(60);
+/// How long a framed-protocol worker thread waits for another connection before it exits.
+const WORKER_IDLE: Duration = Duration::from_secs(30);
+
+/// Threads that serve framed connections, one connection at a time each: every request is read,
+/// handled and answered on that thread with plain blocking calls — no hand-off to tokio's
+/// blocking pool and back per request, which costs wake-ups (and, on a loaded node, scheduling
+/// delays) on every ADD. Threads are kept for reuse while connections keep coming; a connection
+/// that finds no idle thread gets a new one, so a slow client never delays another. Plugin
+/// connections are short (one ADD, DEL, ... each); the socket is root's only. The threads are not
+/// the runtime's: an idle one never holds up the agent's exit.
+struct FramedWorkers {
+    core: Arc<AgentCore>,
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<std::os::unix::net::UnixStream>>,
+    rx: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<std::os::unix::net::UnixStream>>>,
+    /// Threads waiting for a connection that no dispatch has claimed yet.
+    idle: Arc<AtomicUsize>,
+    /// Requests being handled (shutdown waits for them).
+    inflight: Arc<AtomicUsize>,
+}
+
+impl FramedWorkers {
+    fn new(core: Arc<AgentCore>, inflight: Arc<AtomicUsize>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        FramedWorkers {
+            core,
+            tx: std::sync::Mutex::new(tx),
+            rx: Arc::new(std::sync::Mutex::new(rx)),
+            idle: Arc::new(AtomicUsize::new(0)),
+            inflight,
+        }
+    }
+
+    /// Takes one idle thread if there is one (a claim: that thread will not exit on idleness).
+    fn claim(idle: &AtomicUsize) -> bool {
+        idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn dispatch(&self, stream: UnixStream) {
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "local connection dropped");
+                return;
+            }
+        };
+        if Self::claim(&self.idle) {
+            match self.tx.lock().unwrap().send(stream) {
+                Ok(()) => return,
+                Err(e) => return self.spawn(e.0),
+            }
+        }
+        self.spawn(stream);
+    }
+
+    fn spawn(&self, first: std::os::unix::net::UnixStream) {
+        let core = self.core.clone();
+        let rx = self.rx.clone();
+        let idle = self.idle.clone();
+        let inflight = self.inflight.clone();
+        let spawned = std::thread::Builder::new()
+            .name("berth-local".into())
+            .spawn(move || {
+                let mut next = Some(first);
+                loop {
+                    if let Some(stream) = next.take()
+                        && let Err(e) = serve_framed(&core, stream, &inflight)
+                    {
+                        tracing::debug!(error = %e, "local connection closed");
+                    }
+                    idle.fetch_add(1, Ordering::SeqCst);
+                    loop {
+                        let got = rx.lock().unwrap().recv_timeout(WORKER_IDLE);
+                        match got {
+                            Ok(s) => {
+                                next = Some(s);
+                                break;
+                            }
+                            // Unclaimed: leave. Claimed meanwhile: its connection is on the way.
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                if Self::claim(&idle) {
+                                    return;
+                                }
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for a local connection; dropped");
+        }
+    }
+}
+
+fn serve_framed(
+    core: &AgentCore,
+    mut stream: std::os::unix::net::UnixStream,
+    inflight: &AtomicUsize,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(FRAMED_IDLE))?;
+    stream.set_write_timeout(Some(FRAMED_IDLE))?;
     loop {
         let mut head = [0u8; 8];
-        match stream.read_exact(&mut head).await {
-            Ok(_) => {}
+        match stream.read_exact(&mut head) {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
@@ -157,13 +276,13 @@ async fn serve_framed(core: Arc<AgentCore>, mut stream: UnixStream) -> std::io::
             ));
         }
         let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await?;
+        stream.read_exact(&mut body)?;
         let resp = match LocalRequest::decode(body.as_slice()) {
             Ok(req) => {
-                let core = core.clone();
-                tokio::task::spawn_blocking(move || core.handle_local(req))
-                    .await
-                    .map_err(std::io::Error::other)?
+                inflight.fetch_add(1, Ordering::SeqCst);
+                let resp = core.handle_local(req);
+                inflight.fetch_sub(1, Ordering::SeqCst);
+                resp
             }
             Err(e) => LocalResponse {
                 result: Some(berth_proto::agent::local_response::Result::Error(
@@ -179,7 +298,7 @@ async fn serve_framed(core: Arc<AgentCore>, mut stream: UnixStream) -> std::io::
         frame.extend_from_slice(MAGIC);
         frame.extend_from_slice(&(out.len() as u32).to_be_bytes());
         frame.extend_from_slice(&out);
-        stream.write_all(&frame).await?;
+        stream.write_all(&frame)?;
     }
 }
 
@@ -248,6 +367,13 @@ impl Agent for AgentSvc {
     async fn gc(&self, r: Request<GcRequest>) -> std::result::Result<Response<GcResponse>, Status> {
         let core = self.0.clone();
         blocking(move || core.gc(r.into_inner())).await
+    }
+    async fn add_endpoint(
+        &self,
+        r: Request<AddEndpointRequest>,
+    ) -> std::result::Result<Response<AddEndpointResponse>, Status> {
+        let core = self.0.clone();
+        blocking(move || core.add_endpoint(r.into_inner())).await
     }
 }
 

@@ -38,8 +38,19 @@ impl AgentClient {
 
     /// Sends one request and waits for its response.
     pub fn call(&mut self, op: local_request::Op) -> Result<local_response::Result, CallError> {
+        self.send(op)?;
+        self.recv()
+    }
+
+    /// Sends one request without waiting: the caller works on while the agent does, then
+    /// collects the answer with [`AgentClient::recv`].
+    pub fn send(&mut self, op: local_request::Op) -> Result<(), CallError> {
         let req = LocalRequest { op: Some(op) };
-        write_frame(&mut self.stream, &req.encode_to_vec()).map_err(CallError::Unreachable)?;
+        write_frame(&mut self.stream, &req.encode_to_vec()).map_err(CallError::Unreachable)
+    }
+
+    /// Waits for the response to the request sent last.
+    pub fn recv(&mut self) -> Result<local_response::Result, CallError> {
         let body = read_frame(&mut self.stream).map_err(CallError::Unreachable)?;
         let resp = LocalResponse::decode(body.as_slice())
             .map_err(|e| CallError::Unreachable(io::Error::new(io::ErrorKind::InvalidData, e)))?;

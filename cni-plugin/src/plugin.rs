@@ -3,12 +3,13 @@ use crate::{
     client::{AgentClient, CallError},
     config::{CURRENT_VERSION, Command, Env, NetConf, SUPPORTED_VERSIONS},
     error::{Error, Result},
-    netlink::{Netlink, format_mac, in_netns},
+    netlink::{Netlink, NlReply, NlRequest, format_mac, in_netns},
     queue,
 };
 use berth_proto::agent::{
-    AllocateRequest, Attachment, CheckRequest, CreateEndpointRequest, GcRequest, PodRef,
-    ReleaseRequest, StatusRequest, local_error::Code, local_request::Op, local_response,
+    AddEndpointRequest, AllocateRequest, Attachment, CheckRequest, CreateEndpointRequest,
+    GcRequest, PodRef, ReleaseRequest, StatusRequest, local_error::Code, local_request::Op,
+    local_response,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -95,23 +96,198 @@ fn host_netlink() -> Result<Netlink> {
     Netlink::new().map_err(|e| Error::io("open netlink", e))
 }
 
+/// MTU the veth pair is created with; the agent's answer may change it (one more message in a
+/// batch that is sent anyway).
+const DEFAULT_MTU: u32 = 1500;
+
+/// ADD, in one round trip to the agent: the plugin creates the veth pair (the host name derives
+/// from the attachment, so DEL and GC find it without state), sends `AddEndpoint` (address and
+/// endpoint at once), prepares the host side while the agent works, then plumbs the pod side
+/// with the answer. Every failure after the pair exists deletes it and releases the attachment.
 fn add(env: &Env, conf: &NetConf) -> Result<Value> {
     let netns_path = env.netns.clone().unwrap_or_default();
     let netns = open_netns(&netns_path)?;
     let mut pod_nl = pod_netlink(&netns)?;
-    if pod_nl
-        .link_by_name(&env.ifname)
-        .map_err(|e| Error::io("look up interface", e))?
-        .is_some()
-    {
-        return Err(Error::InterfaceExists {
-            ifname: env.ifname.clone(),
-            netns: netns_path,
+    let interface_exists = || Error::InterfaceExists {
+        ifname: env.ifname.clone(),
+        netns: netns_path.clone(),
+    };
+    let mut client = match connect(conf) {
+        Ok(c) => c,
+        Err(e) => {
+            // As before the agent was asked: an existing CNI_IFNAME is reported first.
+            if let Ok(Some(_)) = pod_nl.link_by_name(&env.ifname) {
+                return Err(interface_exists());
+            }
+            return Err(e);
+        }
+    };
+    let host_name = host_ifname(&env.container_id, &env.ifname);
+    let mut host_nl = host_netlink()?;
+    let pair = create_pair(
+        env,
+        &netns,
+        &mut host_nl,
+        &mut pod_nl,
+        &host_name,
+        interface_exists,
+    )?;
+    let mut asked = false;
+    match plumb(
+        env,
+        &mut host_nl,
+        &mut pod_nl,
+        &host_name,
+        &pair,
+        &mut client,
+        &mut asked,
+    ) {
+        Ok(v) => Ok(add_prev_result(conf, v)),
+        Err(e) => {
+            // Undo: the interface pair and the address; DEL would do the same.
+            if let Err(e) = host_nl.delete_link(pair.host.index) {
+                eprintln!("berth: ADD: rollback: delete {host_name}: {e}");
+            }
+            if asked {
+                let _ = client.call(Op::Release(ReleaseRequest {
+                    attachment: Some(attachment(env)),
+                }));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The veth pair of an ADD as created.
+struct Pair {
+    host: crate::netlink::Link,
+    pod_index: u32,
+    pod_mac: [u8; 6],
+}
+
+/// A random locally administered unicast MAC address. Set at creation rather than left to the
+/// kernel, so the plugin knows both ends without asking (and udev's MAC policy, which rewrites
+/// kernel-random addresses of new links, leaves them alone).
+fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: writes at most mac.len() bytes into mac.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        // Practically unreachable (getrandom on 6 bytes does not fail after boot); still unique
+        // enough per host from the clock and the PID.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            ^ (u128::from(std::process::id()) << 32);
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// Creates the pair (host end here, `CNI_IFNAME` in the pod) and learns the host end's index and
+/// the pod end's index in one batch. `EEXIST` means either `CNI_IFNAME` exists in the pod (ADD
+/// fails, code 101) or a host interface was left by an ADD that crashed half-way (deleted, and
+/// the pair created again).
+fn create_pair(
+    env: &Env,
+    netns: &File,
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    host_name: &str,
+    interface_exists: impl Fn() -> Error,
+) -> Result<Pair> {
+    let host_mac = random_mac();
+    let pod_mac = random_mac();
+    let mut retried = false;
+    loop {
+        let mut replies = host_nl
+            .batch(vec![
+                NlRequest::create_veth(
+                    host_name,
+                    host_mac,
+                    &env.ifname,
+                    pod_mac,
+                    netns.as_fd(),
+                    DEFAULT_MTU,
+                ),
+                NlRequest::get_link_by_name(host_name),
+            ])
+            .map_err(|e| Error::io("create veth pair", e))?;
+        let looked_up = replies.pop().expect("two answers");
+        match replies.pop().expect("two answers") {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !retried => {
+                if pod_nl
+                    .link_by_name(&env.ifname)
+                    .map_err(|e| Error::io("look up interface", e))?
+                    .is_some()
+                {
+                    return Err(interface_exists());
+                }
+                host_nl
+                    .delete_link_by_name(host_name)
+                    .map_err(|e| Error::io("remove stale host interface", e))?;
+                retried = true;
+                continue;
+            }
+            Err(e) => return Err(Error::io("create veth pair", e)),
+        }
+        let found = looked_up
+            .ok()
+            .as_deref()
+            .and_then(Netlink::link_of_reply)
+            .filter(|(l, _)| l.name == host_name);
+        let Some((host, Some(pod_index))) = found else {
+            // Gone again already (someone else deleted it): nothing to roll back that DEL/GC
+            // would not find by name.
+            let _ = host_nl.delete_link_by_name(host_name);
+            return Err(Error::io(
+                "look up host interface",
+                std::io::ErrorKind::NotFound.into(),
+            ));
+        };
+        return Ok(Pair {
+            host,
+            pod_index,
+            pod_mac,
         });
     }
-    let mut client = connect(conf)?;
+}
+
+/// The first failure among a batch's answers, named by `what[i]`.
+fn first_failure(replies: Vec<NlReply>, what: &[&str]) -> Result<()> {
+    for (r, what) in replies.into_iter().zip(what) {
+        r.map_err(|e| Error::io(*what, e))?;
+    }
+    Ok(())
+}
+
+/// The agent's answer, whichever protocol version produced it.
+struct Granted {
+    address: String,
+    gateway: String,
+    mtu: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plumb(
+    env: &Env,
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    host_name: &str,
+    pair: &Pair,
+    client: &mut AgentClient,
+    asked: &mut bool,
+) -> Result<Value> {
     let pod = env.pod();
-    let alloc = match client.call(Op::Allocate(AllocateRequest {
+    let netns = env.netns.clone().unwrap_or_default();
+    let lost = |what: &str, e: std::io::Error| Error::AgentUnreachable {
+        socket: "agent".into(),
+        reason: format!("lost during {what}: {e}"),
+    };
+    let add_req = AddEndpointRequest {
         attachment: Some(attachment(env)),
         pod: Some(PodRef {
             namespace: pod.namespace,
@@ -119,108 +295,126 @@ fn add(env: &Env, conf: &NetConf) -> Result<Value> {
             uid: pod.uid,
             infra_container_id: pod.infra_container_id,
         }),
-        netns: netns_path.clone(),
+        netns: netns.clone(),
+        host_ifindex: pair.host.index,
+        host_ifname: host_name.to_string(),
+        pod_mac: pair.pod_mac.to_vec(),
+        host_mac: pair.host.mac.to_vec(),
+    };
+    // The host side first (IPv6 off before the link comes up, so it never gets a link-local
+    // address). Not overlapped with the agent's work: the `disable_ipv6` sysctl spins on the RTNL
+    // lock (trylock and restart) while the agent's filter attach holds it.
+    disable_host_ipv6(host_nl, host_name, pair.host.index)?;
+    *asked = true;
+    let sent = client.send(Op::AddEndpoint(add_req.clone()));
+
+    let answer = match sent.and_then(|()| client.recv()) {
+        Ok(local_response::Result::AddEndpoint(a)) => Granted {
+            address: a.address,
+            gateway: a.gateway,
+            mtu: a.mtu,
+        },
+        Ok(_) => return Err(Error::Agent("unexpected response to AddEndpoint".into())),
+        // An agent from before AddEndpoint: the two-step protocol.
+        Err(CallError::Agent(Code::InvalidArgument, m)) if m.contains("empty request") => {
+            two_step(env, client, add_req)?
+        }
+        Err(CallError::Unreachable(e)) => return Err(lost("AddEndpoint", e)),
+        Err(CallError::Agent(Code::Exhausted, m)) => return Err(Error::Exhausted(m)),
+        Err(CallError::Agent(Code::InvalidArgument, m)) => return Err(Error::InvalidConfig(m)),
+        Err(CallError::Agent(Code::Unavailable, m)) => return Err(Error::Retry(m)),
+        Err(CallError::Agent(_, m)) => return Err(Error::Agent(m)),
+    };
+
+    let (ip, prefix) = parse_cidr(&answer.address)?;
+    let gateway: Ipv4Addr = answer
+        .gateway
+        .parse()
+        .map_err(|_| Error::Agent(format!("agent returned bad gateway {:?}", answer.gateway)))?;
+    let mtu = if answer.mtu == 0 {
+        DEFAULT_MTU
+    } else {
+        answer.mtu
+    };
+
+    // The pod side in one batch, in order: the link must be up before routes through it.
+    let mut reqs = Vec::with_capacity(6);
+    let mut what = Vec::with_capacity(6);
+    if mtu != DEFAULT_MTU {
+        reqs.push(NlRequest::set_mtu(pair.pod_index, mtu));
+        what.push("set pod MTU");
+    }
+    reqs.extend([
+        NlRequest::add_address(pair.pod_index, ip, prefix),
+        NlRequest::set_link_up(pair.pod_index, true),
+        NlRequest::add_route(gateway, 32, None, pair.pod_index),
+        NlRequest::add_neighbour(pair.pod_index, gateway, pair.host.mac),
+        NlRequest::add_route(Ipv4Addr::UNSPECIFIED, 0, Some(gateway), pair.pod_index),
+    ]);
+    what.extend([
+        "add pod address",
+        "set pod interface up",
+        "add gateway route",
+        "add gateway neighbour",
+        "add default route",
+    ]);
+    let pod_replies = pod_nl
+        .batch(reqs)
+        .map_err(|e| Error::io("plumb pod interface", e))?;
+    first_failure(pod_replies, &what)?;
+
+    // The host's route to the pod.
+    let mut reqs = Vec::with_capacity(2);
+    let mut what = Vec::with_capacity(2);
+    if mtu != DEFAULT_MTU {
+        reqs.push(NlRequest::set_mtu(pair.host.index, mtu));
+        what.push("set host MTU");
+    }
+    reqs.push(NlRequest::add_route(ip, 32, None, pair.host.index));
+    what.push("add host route to pod");
+    let host_replies = host_nl
+        .batch(reqs)
+        .map_err(|e| Error::io("add host route to pod", e))?;
+    first_failure(host_replies, &what)?;
+
+    Ok(json!({
+        "cniVersion": CURRENT_VERSION,
+        "interfaces": [
+            {"name": host_name, "mac": format_mac(&pair.host.mac), "mtu": mtu},
+            {"name": env.ifname, "mac": format_mac(&pair.pod_mac), "mtu": mtu,
+             "sandbox": netns},
+        ],
+        "ips": [{"address": answer.address, "gateway": answer.gateway, "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": answer.gateway}],
+        "dns": {},
+    }))
+}
+
+/// `Allocate` then `CreateEndpoint`, for an agent that predates `AddEndpoint`.
+fn two_step(env: &Env, client: &mut AgentClient, req: AddEndpointRequest) -> Result<Granted> {
+    let alloc = match client.call(Op::Allocate(AllocateRequest {
+        attachment: req.attachment.clone(),
+        pod: req.pod.clone(),
+        netns: req.netns.clone(),
     })) {
         Ok(local_response::Result::Allocate(a)) => a,
         Ok(_) => return Err(Error::Agent("unexpected response to Allocate".into())),
-        Err(e) => return Err(agent_err(conf, e)),
-    };
-    let host_name = host_ifname(&env.container_id, &env.ifname);
-    let mut host_nl = host_netlink()?;
-    match plumb(
-        env,
-        &netns,
-        &mut host_nl,
-        &mut pod_nl,
-        &host_name,
-        &alloc,
-        &mut client,
-    ) {
-        Ok(v) => Ok(add_prev_result(conf, v)),
-        Err(e) => {
-            // Undo: the interface pair and the address; DEL would do the same.
-            let _ = host_nl.delete_link_by_name(&host_name);
-            let _ = client.call(Op::Release(ReleaseRequest {
-                attachment: Some(attachment(env)),
-            }));
-            Err(e)
+        Err(CallError::Agent(Code::Exhausted, m)) => return Err(Error::Exhausted(m)),
+        Err(CallError::Unreachable(e)) => {
+            return Err(Error::AgentUnreachable {
+                socket: "agent".into(),
+                reason: format!("lost during Allocate: {e}"),
+            });
         }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn plumb(
-    env: &Env,
-    netns: &File,
-    host_nl: &mut Netlink,
-    pod_nl: &mut Netlink,
-    host_name: &str,
-    alloc: &berth_proto::agent::AllocateResponse,
-    client: &mut AgentClient,
-) -> Result<Value> {
-    let io = |ctx: &str| {
-        let ctx = ctx.to_string();
-        move |e| Error::io(ctx, e)
+        Err(CallError::Agent(_, m)) => return Err(Error::Agent(m)),
     };
-    let (ip, prefix) = parse_cidr(&alloc.address)?;
-    let gateway: Ipv4Addr = alloc
-        .gateway
-        .parse()
-        .map_err(|_| Error::Agent(format!("agent returned bad gateway {:?}", alloc.gateway)))?;
-    let mtu = if alloc.mtu == 0 { 1500 } else { alloc.mtu };
-
-    // A host-side interface left by an ADD that crashed half-way.
-    host_nl
-        .delete_link_by_name(host_name)
-        .map_err(io("remove stale host interface"))?;
-    host_nl
-        .create_veth(host_name, &env.ifname, netns.as_fd(), mtu)
-        .map_err(io("create veth pair"))?;
-    let host = host_nl
-        .link_by_name(host_name)
-        .map_err(io("look up host interface"))?
-        .ok_or_else(|| {
-            Error::io(
-                "look up host interface",
-                std::io::ErrorKind::NotFound.into(),
-            )
-        })?;
-    // Before the link comes up, so it never gets an IPv6 link-local address.
-    disable_host_ipv6(host_nl, host_name, host.index);
-    host_nl
-        .set_up(host.index)
-        .map_err(io("set host interface up"))?;
-
-    let pod = pod_nl
-        .link_by_name(&env.ifname)
-        .map_err(io("look up pod interface"))?
-        .ok_or_else(|| Error::io("look up pod interface", std::io::ErrorKind::NotFound.into()))?;
-    pod_nl
-        .add_address(pod.index, ip, prefix)
-        .map_err(io("add pod address"))?;
-    pod_nl
-        .set_up(pod.index)
-        .map_err(io("set pod interface up"))?;
-    pod_nl
-        .add_route(gateway, 32, None, pod.index)
-        .map_err(io("add gateway route"))?;
-    pod_nl
-        .add_neighbour(pod.index, gateway, host.mac)
-        .map_err(io("add gateway neighbour"))?;
-    pod_nl
-        .add_route(Ipv4Addr::UNSPECIFIED, 0, Some(gateway), pod.index)
-        .map_err(io("add default route"))?;
-    host_nl
-        .add_route(ip, 32, None, host.index)
-        .map_err(io("add host route to pod"))?;
-
     match client.call(Op::CreateEndpoint(CreateEndpointRequest {
         attachment: Some(attachment(env)),
-        host_ifindex: host.index,
-        host_ifname: host_name.to_string(),
-        pod_mac: pod.mac.to_vec(),
-        host_mac: host.mac.to_vec(),
-        netns: env.netns.clone().unwrap_or_default(),
+        host_ifindex: req.host_ifindex,
+        host_ifname: req.host_ifname,
+        pod_mac: req.pod_mac,
+        host_mac: req.host_mac,
+        netns: req.netns,
     })) {
         Ok(local_response::Result::CreateEndpoint(_)) => {}
         Ok(_) => return Err(Error::Agent("unexpected response to CreateEndpoint".into())),
@@ -235,26 +429,20 @@ fn plumb(
         Err(CallError::Agent(Code::NotFound, m)) => return Err(Error::Retry(m)),
         Err(CallError::Agent(_, m)) => return Err(Error::Agent(m)),
     }
-
-    Ok(json!({
-        "cniVersion": CURRENT_VERSION,
-        "interfaces": [
-            {"name": host_name, "mac": format_mac(&host.mac), "mtu": mtu},
-            {"name": env.ifname, "mac": format_mac(&pod.mac), "mtu": mtu,
-             "sandbox": env.netns.clone().unwrap_or_default()},
-        ],
-        "ips": [{"address": alloc.address, "gateway": alloc.gateway, "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": alloc.gateway}],
-        "dns": {},
-    }))
+    Ok(Granted {
+        address: alloc.address,
+        gateway: alloc.gateway,
+        mtu: alloc.mtu,
+    })
 }
 
 /// Keeps IPv6 off the host side of a pod's veth: no link-local address, no router solicitations
 /// or neighbour discovery from the pod's link into the node, and IPv6 arriving from the pod is
 /// not taken in by the host (Berth's pods are IPv4). `disable_ipv6=1` in the host namespace,
 /// plus address generation mode "none" over netlink, which also holds where `/proc/sys` is
-/// read-only (some containers). Best effort: a failure is a warning on stderr, never a failed ADD.
-fn disable_host_ipv6(nl: &mut Netlink, name: &str, index: u32) {
+/// read-only (some containers); then the link comes up (the same batch). Best effort for IPv6:
+/// a failure there is a warning on stderr, never a failed ADD.
+fn disable_host_ipv6(nl: &mut Netlink, name: &str, index: u32) -> Result<()> {
     let no_ipv6 = || !std::path::Path::new("/proc/sys/net/ipv6").exists();
     let sysctl = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
     if let Err(e) = std::fs::write(&sysctl, "1")
@@ -264,12 +452,23 @@ fn disable_host_ipv6(nl: &mut Netlink, name: &str, index: u32) {
             "berth: ADD: cannot disable IPv6 on {name} ({sysctl}: {e}); turning off its address generation only"
         );
     }
-    if let Err(e) = nl.set_ipv6_addr_gen_mode_none(index)
+    let mut replies = nl
+        .batch(vec![
+            NlRequest::ipv6_addr_gen_mode_none(index),
+            NlRequest::set_link_up(index, true),
+        ])
+        .map_err(|e| Error::io("set host interface up", e))?;
+    replies
+        .pop()
+        .expect("two answers")
+        .map_err(|e| Error::io("set host interface up", e))?;
+    if let Some(Err(e)) = replies.pop()
         && e.raw_os_error() != Some(libc::EAFNOSUPPORT)
         && !no_ipv6()
     {
         eprintln!("berth: ADD: cannot turn off IPv6 address generation on {name}: {e}");
     }
+    Ok(())
 }
 
 /// Merges our result into `prevResult` when chained, and shapes it for the requested version.
@@ -356,24 +555,42 @@ fn del(env: &Env, conf: &NetConf) -> Result<()> {
 
 /// While the agent deletes the pair in the background, frees `CNI_IFNAME` in the pod's namespace
 /// at once (down + rename to `bdl<hash>`), so an ADD into the same namespace can follow the DEL.
-/// Best effort: a missing namespace or interface is fine.
+/// Best effort: a missing namespace or interface is fine — also when the agent's deletion removes
+/// the interface between the lookup and the rename (`ENODEV`): gone is the state DEL wants.
 fn retire_pod_interface(env: &Env, host_name: &str) {
     let Some(netns) = env.netns.as_deref().and_then(|p| File::open(p).ok()) else {
         return;
     };
     let tombstone = format!("bdl{}", &host_name[HOST_IF_PREFIX.len()..]);
     let result = pod_netlink(&netns).and_then(|mut nl| {
-        if let Some(link) = nl
+        let Some(link) = nl
             .link_by_name(&env.ifname)
             .map_err(|e| Error::io("look up", e))?
-        {
-            nl.retire(link.index, &tombstone)
-                .map_err(|e| Error::io("retire interface", e))?;
+        else {
+            return Ok(());
+        };
+        // Down, then the rename (a link that is up cannot be renamed), in one batch.
+        let replies = nl
+            .batch(vec![
+                NlRequest::set_link_up(link.index, false),
+                NlRequest::rename_link(link.index, &tombstone),
+            ])
+            .map_err(|e| Error::io("retire interface", e))?;
+        for r in replies {
+            vanished_is_fine(r.map(|_| ())).map_err(|e| Error::io("retire interface", e))?;
         }
         Ok(())
     });
     if let Err(e) = result {
         eprintln!("berth: DEL: freeing {} in the pod: {e}", env.ifname);
+    }
+}
+
+/// `ENODEV` (the link is already gone) counts as done.
+fn vanished_is_fine(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        r => r,
     }
 }
 
@@ -535,6 +752,24 @@ mod tests {
         assert_eq!(out["interfaces"].as_array().unwrap().len(), 3);
         assert_eq!(out["ips"][1]["interface"], 2);
         assert_eq!(out["ips"][0]["address"], "192.0.2.1/24");
+    }
+
+    #[test]
+    fn a_vanished_interface_is_no_del_error() {
+        assert!(vanished_is_fine(Err(std::io::Error::from_raw_os_error(libc::ENODEV))).is_ok());
+        assert!(vanished_is_fine(Ok(())).is_ok());
+        let busy = vanished_is_fine(Err(std::io::Error::from_raw_os_error(libc::EBUSY)));
+        assert_eq!(busy.unwrap_err().raw_os_error(), Some(libc::EBUSY));
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast_and_differ() {
+        let a = random_mac();
+        let b = random_mac();
+        assert_ne!(a, b);
+        for m in [a, b] {
+            assert_eq!(m[0] & 0x03, 0x02, "{m:?}");
+        }
     }
 
     #[test]

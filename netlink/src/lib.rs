@@ -556,3 +556,258 @@ pub fn format_mac(mac: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// One rtnetlink request of a batch ([`Netlink::batch`]): a message and its `NLM_F_*` flags
+/// (`NLM_F_REQUEST` and `NLM_F_ACK` are added).
+#[derive(Debug, Clone)]
+pub struct NlRequest {
+    pub msg: RouteNetlinkMessage,
+    pub flags: u16,
+}
+
+/// The outcome of one request of a batch: its replies (e.g. the link a `GETLINK` returns), or
+/// the error the kernel answered it with.
+pub type NlReply = io::Result<Vec<RouteNetlinkMessage>>;
+
+impl NlRequest {
+    /// Creates a veth pair: `host_name` (MAC `host_mac`) in the socket's namespace and `peer_name`
+    /// (MAC `peer_mac`) in the namespace `peer_netns`, both with `mtu`. Fails with `EEXIST` when
+    /// either name is taken.
+    pub fn create_veth(
+        host_name: &str,
+        host_mac: [u8; 6],
+        peer_name: &str,
+        peer_mac: [u8; 6],
+        peer_netns: BorrowedFd<'_>,
+        mtu: u32,
+    ) -> Self {
+        let mut peer = LinkMessage::default();
+        peer.attributes
+            .push(LinkAttribute::IfName(peer_name.to_string()));
+        peer.attributes.push(LinkAttribute::Mtu(mtu));
+        peer.attributes
+            .push(LinkAttribute::Address(peer_mac.to_vec()));
+        peer.attributes
+            .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::IfName(host_name.to_string()));
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        msg.attributes
+            .push(LinkAttribute::Address(host_mac.to_vec()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        NlRequest {
+            msg: RouteNetlinkMessage::NewLink(msg),
+            flags: NLM_F_CREATE | NLM_F_EXCL,
+        }
+    }
+
+    /// Looks up the link called `name` (answered with the link, or `ENODEV`).
+    pub fn get_link_by_name(name: &str) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        NlRequest {
+            msg: RouteNetlinkMessage::GetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Brings link `index` up (`up`) or down.
+    pub fn set_link_up(index: u32, up: bool) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        if up {
+            msg.header.flags = LinkFlags::Up;
+        }
+        msg.header.change_mask = LinkFlags::Up;
+        NlRequest {
+            msg: RouteNetlinkMessage::SetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Renames link `index` (it must be down).
+    pub fn rename_link(index: u32, new_name: &str) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::IfName(new_name.to_string()));
+        NlRequest {
+            msg: RouteNetlinkMessage::SetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Sets the MTU of link `index`.
+    pub fn set_mtu(index: u32, mtu: u32) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        NlRequest {
+            msg: RouteNetlinkMessage::SetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// IPv6 address generation mode "none" on link `index` (see
+    /// [`Netlink::set_ipv6_addr_gen_mode_none`]).
+    pub fn ipv6_addr_gen_mode_none(index: u32) -> Self {
+        use netlink_packet_route::link::{AfSpecInet6, AfSpecUnspec};
+        const IN6_ADDR_GEN_MODE_NONE: u8 = 1;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(IN6_ADDR_GEN_MODE_NONE)],
+            )]));
+        NlRequest {
+            msg: RouteNetlinkMessage::SetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Adds `addr/prefix` to link `index` (replacing an identical one).
+    pub fn add_address(index: u32, addr: Ipv4Addr, prefix: u8) -> Self {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.header.scope = AddressScope::Universe;
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(addr)));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(addr)));
+        NlRequest {
+            msg: RouteNetlinkMessage::NewAddress(msg),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+
+    /// Adds (or replaces) the main-table route `dst/prefix` out of `oif`, optionally via `gateway`
+    /// (as [`Netlink::add_route`]).
+    pub fn add_route(dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, oif: u32) -> Self {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = prefix;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        msg.header.kind = RouteType::Unicast;
+        if prefix > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        }
+        if let Some(gw) = gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        NlRequest {
+            msg: RouteNetlinkMessage::NewRoute(msg),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+
+    /// Adds (or replaces) a permanent neighbour entry `ip → mac` on link `index`.
+    pub fn add_neighbour(index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Self {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+        NlRequest {
+            msg: RouteNetlinkMessage::NewNeighbour(msg),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+}
+
+impl Netlink {
+    /// Sends every request in one `sendmsg` (the kernel handles them in order, each on its own:
+    /// one failing does not stop the next) and collects every answer, in the requests' order.
+    /// The outer error is a failure of the socket itself.
+    pub fn batch(&mut self, reqs: Vec<NlRequest>) -> io::Result<Vec<NlReply>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.seq.wrapping_add(1);
+        let mut out = Vec::new();
+        for req in reqs {
+            self.seq = self.seq.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | req.flags;
+            header.sequence_number = self.seq;
+            let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(req.msg));
+            nl.finalize();
+            let start = out.len();
+            out.resize(start + nl.buffer_len(), 0);
+            nl.serialize(&mut out[start..]);
+        }
+        let count = self.seq.wrapping_sub(first).wrapping_add(1) as usize;
+        self.sock.send(&out, 0)?;
+
+        let mut results: Vec<Option<NlReply>> = (0..count).map(|_| None).collect();
+        let mut replies: Vec<Vec<RouteNetlinkMessage>> = vec![Vec::new(); count];
+        let mut pending = count;
+        while pending > 0 {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+                let i = msg.header.sequence_number.wrapping_sub(first) as usize;
+                if i >= count || results[i].is_some() {
+                    continue;
+                }
+                let done = match msg.payload {
+                    NetlinkPayload::Done(_) => Some(Ok(())),
+                    NetlinkPayload::Error(e) => Some(match e.code {
+                        None => Ok(()),
+                        Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                    }),
+                    NetlinkPayload::InnerMessage(m) => {
+                        replies[i].push(m);
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(r) = done {
+                    results[i] = Some(r.map(|()| std::mem::take(&mut replies[i])));
+                    pending -= 1;
+                }
+            }
+        }
+        Ok(results.into_iter().map(|r| r.expect("answered")).collect())
+    }
+
+    /// The link in a `GETLINK`/`NEWLINK` answer, with its `IFLA_LINK` (for a veth: the peer's
+    /// index, in the peer's namespace).
+    pub fn link_of_reply(replies: &[RouteNetlinkMessage]) -> Option<(Link, Option<u32>)> {
+        replies.iter().find_map(|r| match r {
+            RouteNetlinkMessage::NewLink(l) => {
+                let peer = l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Link(i) => Some(*i),
+                    _ => None,
+                });
+                Some((Self::link_from(l), peer))
+            }
+            _ => None,
+        })
+    }
+}

@@ -1,8 +1,8 @@
 //! Privileged end-to-end tests of pod networking on one node: the real `berth` CNI binary, the
 //! real agent, the eBPF datapath, network namespaces as node and pods.
 use berth_proto::agent::{
-    AllocateRequest, Attachment, CreateEndpointRequest, ReleaseRequest, local_error::Code,
-    local_request::Op, local_response,
+    AllocateRequest, Attachment, CreateEndpointRequest, LocalError, LocalRequest, LocalResponse,
+    ReleaseRequest, local_error::Code, local_request::Op, local_response,
 };
 use berth_tests::cni::{NODE_IP, Node, Pod, in_netns};
 use berth_tests::netns::{NetNs, workspace_bin};
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    process::Stdio,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -494,6 +494,13 @@ fn churn_then_kill_adds(node: &Node) -> Vec<Pod> {
         assert_eq!(add.code, 0, "cycle {i} ADD: {add:?}");
         let del = node.verb("DEL", &cid, Some(&netns), "eth0");
         assert_eq!(del.code, 0, "cycle {i} DEL: {del:?}");
+        // The agent deletes the pair in the background, racing the plugin's rename of the pod
+        // side: a vanished interface is what DEL wants, never an error.
+        assert!(
+            !del.stderr.contains("berth: DEL"),
+            "cycle {i} DEL: {}",
+            del.stderr
+        );
     }
     let left = node.settled_host_links(0);
     assert!(
@@ -844,5 +851,173 @@ fn host_side_veth_has_no_ipv6() {
             .exec(&["ping", "-c", "1", "-W", "2", &ip])
             .status
             .success()
+    );
+}
+
+/// The host-side name the plugin derives for `(cid, ifname)`.
+fn host_ifname(cid: &str, ifname: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{cid}/{ifname}").as_bytes());
+    format!("bth{}", &hex::encode(digest)[..12])
+}
+
+#[test]
+fn add_replaces_a_stale_host_interface_and_reports_the_real_macs() {
+    let node = Node::new();
+    let pod = Pod::new();
+    let netns = pod.ns.path().to_str().unwrap().to_string();
+    // What an ADD killed after creating the pair leaves when the pod side went elsewhere: a host
+    // interface of the attachment's name.
+    let stale = host_ifname(&pod.cid, "eth0");
+    node.ns.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        &stale,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stalepeer0",
+    ]);
+    let add = node.verb("ADD", &pod.cid, Some(&netns), "eth0");
+    assert_eq!(add.code, 0, "{add:?}");
+    assert!(pod.ping(NODE_IP));
+    assert_eq!(node.host_links(), vec![stale.clone()]);
+    let details = node
+        .ns
+        .exec_ok(&["ip", "-d", "link", "show", "dev", &stale]);
+    assert!(details.contains("veth"), "{details}");
+    // The result names the MACs the interfaces really have, and the agent's endpoint agrees.
+    let result = add.json();
+    let mac_of = |ns: &NetNs, dev: &str| -> String {
+        let out = ns.exec_ok(&["ip", "-o", "link", "show", "dev", dev]);
+        let mut words = out.split_whitespace();
+        words.find(|w| *w == "link/ether");
+        words.next().unwrap_or_default().to_string()
+    };
+    assert_eq!(result["interfaces"][0]["name"], stale.as_str());
+    assert_eq!(
+        result["interfaces"][0]["mac"],
+        mac_of(&node.ns, &stale).as_str()
+    );
+    assert_eq!(
+        result["interfaces"][1]["mac"],
+        mac_of(&pod.ns, "eth0").as_str()
+    );
+    let eps = node.berthctl(&["endpoints"]);
+    assert_eq!(eps[0]["hostInterface"], stale.as_str());
+    assert_eq!(eps[0]["state"], "ready");
+    // The same attachment again: CNI_IFNAME exists, nothing changes.
+    let again = node.verb("ADD", &pod.cid, Some(&netns), "eth0");
+    assert_eq!(again.error_code(), 101);
+    assert!(pod.ping(NODE_IP));
+    assert_eq!(node.berthctl(&["status"])["ipam"]["allocated"], 1);
+}
+
+fn read_frame(s: &mut impl Read) -> Option<Vec<u8>> {
+    let mut head = [0u8; 8];
+    s.read_exact(&mut head).ok()?;
+    assert_eq!(&head[..4], b"BRT1");
+    let mut body = vec![0u8; u32::from_be_bytes(head[4..].try_into().unwrap()) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+fn write_frame(s: &mut impl Write, body: &[u8]) {
+    let mut frame = b"BRT1".to_vec();
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    s.write_all(&frame).unwrap();
+}
+
+#[test]
+fn add_falls_back_to_two_requests_with_an_agent_that_predates_add_endpoint() {
+    use prost::Message;
+    let node = Node::new();
+    // An "older agent": a proxy in front of the real one that answers AddEndpoint as an agent
+    // without it does (the op decodes as empty) and passes everything else on.
+    let dir = tempfile::tempdir().unwrap();
+    let old_socket = dir.path().join("old-agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&old_socket).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let agent = node.socket();
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut upstream = std::os::unix::net::UnixStream::connect(&agent).unwrap();
+                while let Some(body) = read_frame(&mut conn) {
+                    let req = LocalRequest::decode(body.as_slice()).unwrap();
+                    let name = match &req.op {
+                        Some(Op::AddEndpoint(_)) => "AddEndpoint",
+                        Some(Op::Allocate(_)) => "Allocate",
+                        Some(Op::CreateEndpoint(_)) => "CreateEndpoint",
+                        Some(Op::Release(_)) => "Release",
+                        _ => "other",
+                    };
+                    seen.lock().unwrap().push(name.into());
+                    if name == "AddEndpoint" {
+                        let resp = LocalResponse {
+                            result: Some(local_response::Result::Error(LocalError {
+                                code: Code::InvalidArgument as i32,
+                                message: "invalid argument: empty request".into(),
+                            })),
+                        };
+                        write_frame(&mut conn, &resp.encode_to_vec());
+                        continue;
+                    }
+                    write_frame(&mut upstream, &body);
+                    let answer = read_frame(&mut upstream).unwrap();
+                    write_frame(&mut conn, &answer);
+                }
+            }
+        });
+    }
+    let mut conf: Value = serde_json::from_str(&node.conf()).unwrap();
+    conf["agentSocket"] = json!(old_socket);
+    let pod = Pod::new();
+    let netns = pod.ns.path().to_str().unwrap().to_string();
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", pod.cid.as_str()),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ];
+    let add = node.cni(&env, &conf.to_string());
+    assert_eq!(add.code, 0, "{add:?}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["AddEndpoint", "Allocate", "CreateEndpoint"]
+    );
+    assert!(pod.ping(NODE_IP));
+    let eps = node.berthctl(&["endpoints"]);
+    assert_eq!(eps[0]["state"], "ready", "{eps}");
+    assert_eq!(
+        eps[0]["hostInterface"],
+        host_ifname(&pod.cid, "eth0").as_str()
+    );
+}
+
+#[test]
+fn status_shows_node_routing() {
+    let node = Node::new();
+    let status = node.berthctl(&["status"]);
+    let routing = &status["routing"];
+    assert_eq!(routing["podMtu"], 1500, "{status}");
+    assert_eq!(routing["remotePodCidrs"], 0, "{status}");
+    let text = Command::new(workspace_bin("berthctl"))
+        .arg("--socket")
+        .arg(node.socket())
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("routing ") && l.contains("pod MTU 1500")),
+        "{text}"
     );
 }

@@ -61,6 +61,8 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner();
             let dp = s.datapath.clone().unwrap_or_default();
             let ipam = s.ipam.clone().unwrap_or_default();
+            let rt = s.routing.clone().unwrap_or_default();
+            let or_none = |v: &str| (!v.is_empty()).then(|| v.to_string());
             if cli.json {
                 println!(
                     "{}",
@@ -69,6 +71,9 @@ async fn main() -> anyhow::Result<()> {
                         "datapath": {"loaded": dp.loaded, "pinRoot": dp.pin_root, "programs": dp.programs,
                                      "maps": dp.maps, "adopted": dp.adopted},
                         "ipam": {"podCidr": ipam.pod_cidr, "capacity": ipam.capacity, "allocated": ipam.allocated},
+                        "routing": {"mode": or_none(&rt.mode), "uplink": or_none(&rt.uplink),
+                                    "nodeIp": or_none(&rt.node_ip), "podMtu": rt.pod_mtu,
+                                    "remotePodCidrs": rt.remote_pod_cidrs},
                         "endpoints": s.endpoints, "deleteQueueDrained": s.delete_queue_drained,
                     })
                 );
@@ -92,6 +97,26 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "ipam       {}: {} of {} addresses allocated",
                     ipam.pod_cidr, ipam.allocated, ipam.capacity
+                );
+                let dash = |v: &str| {
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.to_string()
+                    }
+                };
+                println!(
+                    "routing    {} via uplink {}, node IP {}, pod MTU {}, {} remote pod CIDR{} routed",
+                    if rt.mode.is_empty() {
+                        "unknown".to_string()
+                    } else {
+                        rt.mode.clone()
+                    },
+                    dash(&rt.uplink),
+                    dash(&rt.node_ip),
+                    rt.pod_mtu,
+                    rt.remote_pod_cidrs,
+                    if rt.remote_pod_cidrs == 1 { "" } else { "s" }
                 );
                 println!(
                     "endpoints  {} (delete-queue entries applied: {})",
@@ -124,50 +149,150 @@ async fn main() -> anyhow::Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "{:<4} {:<14} {:<24} {:<14} {:<16} {:<6} {:>16} {:>16} DROPS",
-                    "ID",
-                    "CONTAINER",
-                    "POD",
-                    "IP",
-                    "INTERFACE",
-                    "STATE",
-                    "TX PKTS/BYTES",
-                    "RX PKTS/BYTES"
-                );
-                for e in eps {
-                    let a = e.attachment.unwrap_or_default();
-                    let p = e.pod.unwrap_or_default();
-                    let s = e.stats.unwrap_or_default();
-                    let pod = if p.name.is_empty() {
-                        "-".to_string()
-                    } else {
-                        format!("{}/{}", p.namespace, p.name)
-                    };
-                    let drops = if s.drops.is_empty() {
-                        "0".to_string()
-                    } else {
-                        s.drops
-                            .iter()
-                            .map(|(k, v)| format!("{k}={v}"))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    };
-                    println!(
-                        "{:<4} {:<14} {:<24} {:<14} {:<16} {:<6} {:>16} {:>16} {}",
-                        e.id,
-                        a.container_id.chars().take(12).collect::<String>(),
-                        pod,
-                        e.address.trim_end_matches("/32"),
-                        format!("{}@{}", a.ifname, e.host_ifname),
-                        e.state,
-                        format!("{}/{}", s.tx_packets, s.tx_bytes),
-                        format!("{}/{}", s.rx_packets, s.rx_bytes),
-                        drops
-                    );
-                }
+                print!("{}", endpoints_table(&eps));
             }
         }
     }
     Ok(())
+}
+
+/// The `berthctl endpoints` table: every column as wide as its widest cell (the INTERFACE cell,
+/// `eth0@bth` + 12 hex digits, is wider than a fixed width would allow).
+fn endpoints_table(eps: &[berth_proto::agent::Endpoint]) -> String {
+    const HEAD: [&str; 9] = [
+        "ID",
+        "CONTAINER",
+        "POD",
+        "IP",
+        "INTERFACE",
+        "STATE",
+        "TX PKTS/BYTES",
+        "RX PKTS/BYTES",
+        "DROPS",
+    ];
+    // Right-aligned: the counters.
+    const RIGHT: [bool; 9] = [false, false, false, false, false, false, true, true, false];
+    let mut rows: Vec<[String; 9]> = vec![HEAD.map(String::from)];
+    for e in eps {
+        let a = e.attachment.clone().unwrap_or_default();
+        let p = e.pod.clone().unwrap_or_default();
+        let s = e.stats.clone().unwrap_or_default();
+        let pod = if p.name.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{}/{}", p.namespace, p.name)
+        };
+        let drops = if s.drops.is_empty() {
+            "0".to_string()
+        } else {
+            s.drops
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        rows.push([
+            e.id.to_string(),
+            a.container_id.chars().take(12).collect(),
+            pod,
+            e.address.trim_end_matches("/32").to_string(),
+            format!("{}@{}", a.ifname, e.host_ifname),
+            e.state.clone(),
+            format!("{}/{}", s.tx_packets, s.tx_bytes),
+            format!("{}/{}", s.rx_packets, s.rx_bytes),
+            drops,
+        ]);
+    }
+    let mut width = [0usize; 9];
+    for r in &rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i > 0 {
+                line.push(' ');
+            }
+            let pad = " ".repeat(width[i] - cell.chars().count());
+            if i == r.len() - 1 {
+                line.push_str(cell); // the last column: no trailing blanks
+            } else if RIGHT[i] {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&pad);
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_proto::agent::{Attachment, Endpoint, EndpointStats, PodRef};
+
+    #[test]
+    fn endpoints_table_columns_line_up_with_their_headers() {
+        let ep = |id: u32, cid: &str, host: &str, tx: u64| Endpoint {
+            id,
+            attachment: Some(Attachment {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            }),
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: format!("web-{id}"),
+                ..Default::default()
+            }),
+            address: format!("10.2.0.{id}/32"),
+            host_ifname: host.into(),
+            state: "ready".into(),
+            stats: Some(EndpointStats {
+                tx_packets: tx,
+                tx_bytes: tx * 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = endpoints_table(&[
+            ep(2, "0123456789abcdef", "bth6e65cfdb4c19", 7),
+            ep(13, "c2", "bth123dae003fa3", 123456),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let col = |line: &str, needle: &str| {
+            line.find(needle)
+                .unwrap_or_else(|| panic!("{needle} in {line}"))
+        };
+        // Left-aligned columns start where their header starts.
+        for (head, cell) in [
+            ("INTERFACE", "eth0@bth"),
+            ("STATE", "ready"),
+            ("IP", "10.2.0."),
+        ] {
+            let at = col(lines[0], head);
+            for l in &lines[1..] {
+                assert_eq!(col(l, cell), at, "{head}:\n{table}");
+            }
+        }
+        // Right-aligned counters end where their header ends.
+        let end = col(lines[0], "TX PKTS/BYTES") + "TX PKTS/BYTES".len();
+        assert_eq!(col(lines[1], "7/700") + "7/700".len(), end, "{table}");
+        assert_eq!(
+            col(lines[2], "123456/12345600") + "123456/12345600".len(),
+            end,
+            "{table}"
+        );
+        assert!(
+            lines[1].contains("0123456789ab "),
+            "container ID cut to 12: {table}"
+        );
+    }
 }

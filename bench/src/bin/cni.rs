@@ -3,7 +3,9 @@
 //!
 //! Measures ADD and DEL latency (per call, fresh pod namespace each round), wall time of 32
 //! concurrent ADDs, pod↔pod TCP throughput with iperf3, and the plugin's VERSION call.
-//! Run as root: `scripts/bench.sh cni` (or target/release/cni [rounds]).
+//! Run as root: `scripts/bench.sh cni` (or target/release/cni [rounds]); `cni ROUNDS latency`
+//! measures ADD/DEL latency only and writes no result file. BERTH_BENCH_TC_ATTACH=netlink|tcx
+//! picks the agent's tc attachment (default: the agent's own default).
 use anyhow::{Context, Result, bail};
 use berth_bench::{median, percentile, write_result};
 use berth_tests::{
@@ -154,7 +156,14 @@ fn main() -> Result<()> {
     if !Path::new(REF_DIR).join("bridge").exists() {
         bail!("{REF_DIR}/bridge missing: run scripts/bootstrap.sh (containernetworking-plugins)");
     }
-    let berth = Berth(Node::new());
+    // The agent's tc attachment (`--tc-attach`): its default unless BERTH_BENCH_TC_ATTACH says.
+    let tc_attach = std::env::var("BERTH_BENCH_TC_ATTACH").ok();
+    let berth = Berth(match &tc_attach {
+        Some(t) => Node::with_args("10.2.0.0/24", &["--tc-attach", t]),
+        None => Node::new(),
+    });
+    let tc_attach = tc_attach.unwrap_or_else(|| "auto (default)".into());
+    println!("berth-agent --tc-attach {tc_attach}");
     let bridge = Bridge {
         ns: NetNs::new("bb"),
         dir: tempfile::tempdir()?,
@@ -175,6 +184,23 @@ fn main() -> Result<()> {
             let (t, _) = plugins[i].call("DEL", &format!("lat{r}"), &pods[i].ns.path())?;
             del[i].push(ms(t));
         }
+    }
+
+    if std::env::args().nth(2).as_deref() == Some("latency") {
+        // `cni ROUNDS latency`: ADD/DEL latency only (quick comparisons while tuning; no file).
+        println!("| verb | berth median | berth p90 | reference median | reference p90 | ratio |");
+        println!("|---|---|---|---|---|---|");
+        for (name, v) in [("ADD", &add), ("DEL", &del)] {
+            println!(
+                "| {name} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.3} |",
+                median(&v[0]),
+                percentile(&v[0], 90.0),
+                median(&v[1]),
+                percentile(&v[1], 90.0),
+                median(&v[0]) / median(&v[1])
+            );
+        }
+        return Ok(());
     }
 
     // 32 concurrent ADDs, wall time, 3 rounds each, interleaved.
@@ -267,6 +293,7 @@ fn main() -> Result<()> {
         "cni",
         &json!({
             "rounds": rounds,
+            "tc_attach": tc_attach,
             "add_median_ratio": add_ratio,
             "del_median_ratio": del_ratio,
             "concurrent_add_ratio": conc_ratio,
