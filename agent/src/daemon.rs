@@ -16,7 +16,7 @@
 use crate::{
     cluster::{self, ClusterModel},
     config::{DEFAULT_POD_CIDR, Settings},
-    core::{AgentCore, CoreConfig},
+    core::{AgentCore, CoreConfig, NodeNetworking},
     datapath::{DeviceRole, EbpfDatapath, Ipcache},
     error::{Error, Result},
     lock::StateLock,
@@ -192,6 +192,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tokio::spawn(routing_loop(
         models,
         router.clone(),
+        core.clone(),
         s.node_name.clone(),
         pod_cidr,
     ));
@@ -299,9 +300,11 @@ fn start_datapath(
     let mut dp = EbpfDatapath::load(&s.pin_root, &s.state_dir, dp_cfg, s.tc_attach)?;
     let mut router = Router::new(topo.clone(), Ipcache::open(&s.pin_root)?)?;
     // Only a synced model is the truth: reconciling an empty one would remove every route.
+    let mut remotes = None;
     if model.synced {
         let desired = routing::desired_remotes(&node_routes(model), &s.node_name, Some(pod_cidr));
         let changes = router.reconcile(&desired)?;
+        remotes = Some(desired.len() as u32);
         tracing::info!(
             ?changes,
             remotes = desired.len(),
@@ -324,7 +327,15 @@ fn start_datapath(
         },
         store,
         Box::new(dp),
-    )?;
+    )?
+    .with_node_networking(NodeNetworking {
+        routing_mode: topo.mode.to_string(),
+        uplink: topo.uplink.as_ref().map(|l| l.name.clone()),
+        node_ip: topo.node_ip,
+    });
+    if let Some(n) = remotes {
+        core.set_remote_pod_cidrs(n);
+    }
     // Every filter now points at the current programs and maps.
     crate::datapath::retire_unused_pins(&pin_root)?;
     Ok(Started { core, router, mtu })
@@ -334,6 +345,7 @@ fn start_datapath(
 async fn routing_loop(
     mut models: watch::Receiver<Arc<ClusterModel>>,
     router: Arc<Mutex<Router>>,
+    core: Arc<AgentCore>,
     node_name: String,
     pod_cidr: Ipv4Net,
 ) {
@@ -362,11 +374,15 @@ async fn routing_loop(
             continue;
         }
         last_desired = Some(desired.clone());
+        let remotes = desired.len() as u32;
         let router = router.clone();
         let started = Instant::now();
         let res =
             tokio::task::spawn_blocking(move || router.lock().unwrap().reconcile(&desired)).await;
         last_ok = matches!(res, Ok(Ok(_)));
+        if last_ok {
+            core.set_remote_pod_cidrs(remotes);
+        }
         match res {
             Ok(Ok(ch)) if ch.is_empty() => {}
             Ok(Ok(ch)) => tracing::info!(

@@ -174,10 +174,16 @@ fn pods_talk_across_nodes(mode: Mode) {
         // The pod CIDR comes from the node's own Node object (no --pod-cidr given).
         let st = n.node.berthctl(&["status"]);
         assert_eq!(st["ipam"]["podCidr"], n.pod_cidr.as_str(), "{st}");
+        assert_eq!(st["routing"]["mode"], mode.flag(), "{st}");
+        assert_eq!(st["routing"]["uplink"], "eth0", "{st}");
+        assert_eq!(st["routing"]["nodeIp"], n.ip.as_str(), "{st}");
+        assert_eq!(st["routing"]["podMtu"], mode.pod_mtu(), "{st}");
         let routes = c.wait_routes(i, &c.remote_cidrs(i), Duration::from_secs(10));
         let mut want = c.remote_cidrs(i);
         want.sort();
         assert_eq!(routes, want, "node {i} routes");
+        let st = n.node.berthctl(&["status"]);
+        assert_eq!(st["routing"]["remotePodCidrs"], 2, "{st}");
     }
     let pods: Vec<(Pod, String)> = (0..3).map(|i| c.pod(i)).collect();
     for (i, (p, ip)) in pods.iter().enumerate() {
