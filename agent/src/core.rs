@@ -405,8 +405,9 @@ impl AgentCore {
     /// failure an address allocated by this call is released again (nothing is left behind that
     /// would wait for the allocation lease).
     ///
-    /// The state file is written while the filters attach (both take milliseconds): the write
-    /// already records the endpoint as ready. Should the attach fail, the change is undone and
+    /// The state file is written while the filters attach (both take milliseconds) when no other
+    /// write is in progress (else it is a group commit afterwards, as for every other change): the
+    /// write already records the endpoint as ready. Should the attach fail, the change is undone and
     /// written again; should the agent die in between, the plugin's ADD fails and deletes the
     /// pair, and the restarted agent releases the endpoint whose interface vanished.
     pub fn add_endpoint(&self, req: AddEndpointRequest) -> Result<AddEndpointResponse> {
@@ -433,7 +434,7 @@ impl AgentCore {
         };
         let snapshot = (g.version, g.state.clone());
         let (attached, saved) = std::thread::scope(|s| {
-            let saving = s.spawn(|| self.save_snapshot(snapshot.0, &snapshot.1));
+            let saving = s.spawn(|| self.try_save_snapshot(snapshot.0, &snapshot.1));
             let attached = g.dp.attach(&ep.host_ifname);
             if let Err(e) = &attached {
                 // Undo: no entry, and the record as it was (or none).
@@ -460,7 +461,9 @@ impl AgentCore {
         });
         match attached {
             Ok(()) => {
-                saved?;
+                if !saved? {
+                    self.commit()?;
+                }
                 tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
             }
             Err(e) => {
@@ -507,15 +510,21 @@ impl AgentCore {
         Ok(ep)
     }
 
-    /// Writes `state` (as of `version`) unless a write that includes it already happened.
-    fn save_snapshot(&self, version: u64, state: &State) -> Result<()> {
-        let mut p = self.persist.lock().unwrap();
+    /// Writes `state` (as of `version`) unless a write that includes it already happened; `false`
+    /// when another write is in progress: then the caller commits afterwards, so that concurrent
+    /// requests keep sharing writes (group commit) instead of writing one snapshot each.
+    fn try_save_snapshot(&self, version: u64, state: &State) -> Result<bool> {
+        let mut p = match self.persist.try_lock() {
+            Ok(p) => p,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
         if version <= p.persisted {
-            return Ok(());
+            return Ok(true);
         }
         p.store.save(state)?;
         p.persisted = version;
-        Ok(())
+        Ok(true)
     }
 
     /// Makes the allocated (or ready) endpoint `cid/ifname` ready on `plumbed`: entry, then
