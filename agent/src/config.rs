@@ -62,8 +62,9 @@ pub struct AgentArgs {
     /// Node name reported in status. [default: the host name]
     #[arg(long, env = "BERTH_NODE_NAME")]
     pub node_name: Option<String>,
-    /// How tc programs attach: `tcx` (bpf_links, Linux 6.6+), `netlink` (clsact filters, the
-    /// fallback for older kernels) or `auto` (TCX when the kernel has it). [default: auto]
+    /// How tc programs attach: `netlink` (clsact filters; every kernel), `tcx` (bpf_links, Linux
+    /// 6.6+) or `auto` (TCX when the kernel has it). TCX adds 7-10 ms per hook to every CNI ADD
+    /// on current kernels, so it is opt-in. [default: netlink]
     #[arg(long, env = "BERTH_TC_ATTACH", value_enum)]
     pub tc_attach: Option<TcAttach>,
     /// Do not fsync the state file after each change (faster, not power-loss safe).
@@ -246,6 +247,6 @@ mod tests {
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(s.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
         assert!(s.fsync && s.ip_forward);
-        assert_eq!(s.tc_attach, TcAttach::Auto);
+        assert_eq!(s.tc_attach, TcAttach::Netlink);
     }
 }

@@ -659,11 +659,11 @@ fn link_pins_of_deleted_pods_are_pruned() {
     assert_one_program_per_hook(node, TCX);
 }
 
-/// Without the flag the agent asks the kernel: this one has TCX. The overlay device's hooks follow
+/// With `auto` the agent asks the kernel: this one has TCX. The overlay device's hooks follow
 /// the mechanism too, also when an agent is restarted with the fallback forced.
 #[test]
 fn auto_chooses_tcx_on_this_kernel_and_overlay_hooks_switch_too() {
-    let mut c = Cluster::new(Mode::Vxlan, 2);
+    let mut c = Cluster::with_agent_args(Mode::Vxlan, 2, &["--tc-attach", "auto"]);
     let (p0, ip0) = c.pod(0);
     let (p1, ip1) = c.pod(1);
     assert!(ping_until(&p0.ns, &ip1, Duration::from_secs(5)));
