@@ -229,20 +229,7 @@ impl Netlink {
 
     /// Adds `addr/prefix` to link `index` (replacing an identical one).
     pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.prefix_len = prefix;
-        msg.header.index = index;
-        msg.header.scope = AddressScope::Universe;
-        msg.attributes
-            .push(AddressAttribute::Local(IpAddr::V4(addr)));
-        msg.attributes
-            .push(AddressAttribute::Address(IpAddr::V4(addr)));
-        self.request(
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )?;
-        Ok(())
+        self.one(NlRequest::add_address(index, addr, prefix))
     }
 
     /// IPv4 addresses (with prefix length) on link `index`.
@@ -273,48 +260,17 @@ impl Netlink {
         gateway: Option<Ipv4Addr>,
         oif: u32,
     ) -> io::Result<()> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = prefix;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Boot;
-        msg.header.scope = if gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        msg.header.kind = RouteType::Unicast;
-        if prefix > 0 {
-            msg.attributes
-                .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
-        }
-        if let Some(gw) = gateway {
-            msg.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
-        }
-        msg.attributes.push(RouteAttribute::Oif(oif));
-        self.request(
-            RouteNetlinkMessage::NewRoute(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )?;
-        Ok(())
+        self.one(NlRequest::add_route(dst, prefix, gateway, oif))
     }
 
     /// Adds a permanent neighbour entry `ip → mac` on link `index`.
     pub fn add_neighbour(&mut self, index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.ifindex = index;
-        msg.header.state = NeighbourState::Permanent;
-        msg.header.kind = RouteType::Unicast;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        msg.attributes
-            .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
-        self.request(
-            RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )?;
+        self.one(NlRequest::add_neighbour(index, ip, mac))
+    }
+
+    /// Sends one request of the batch kind and waits for its acknowledgement.
+    fn one(&mut self, req: NlRequest) -> io::Result<()> {
+        self.request(req.msg, NLM_F_ACK | req.flags)?;
         Ok(())
     }
 }

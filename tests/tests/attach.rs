@@ -6,22 +6,14 @@
 //! from `BPF_PROG_QUERY` (bpftool 7.1 here predates TCX), the clsact filters from `tc -j filter
 //! show`, program names from `bpftool prog show`.
 use berth_tests::{
-    cluster::{Cluster, Mode, ping_until},
-    cni::{Node, Pod},
+    cluster::{Cluster, Mode, Stream, ping_until, transfer_exact},
+    cni::Node,
     netns::NetNs,
 };
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -30,133 +22,6 @@ const NETLINK: &str = "netlink";
 
 fn cluster(mech: &str) -> Cluster {
     Cluster::with_agent_args(Mode::Native, 2, &["--tc-attach", mech])
-}
-
-/// Spawns `f` on a thread inside `ns` (sockets it creates stay there).
-fn spawn_in<T: Send + 'static>(
-    ns: &NetNs,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-}
-
-/// Sends `len` bytes from `client` to a server in `server` at `ip`; checks they arrive intact.
-fn transfer_exact(server: &Pod, client: &Pod, ip: &str, len: usize) {
-    let (tx, rx) = std::sync::mpsc::channel::<u16>();
-    let srv = spawn_in(&server.ns, move || {
-        let l = TcpListener::bind("0.0.0.0:0").unwrap();
-        tx.send(l.local_addr().unwrap().port()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut h = Sha256::new();
-        let mut n = 0usize;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let r = s.read(&mut buf).unwrap();
-            if r == 0 {
-                break;
-            }
-            h.update(&buf[..r]);
-            n += r;
-        }
-        (n, h.finalize().to_vec())
-    });
-    let port = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
-    let want = Sha256::digest(&data).to_vec();
-    spawn_in(&client.ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
-        s.write_all(&data).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-    })
-    .join()
-    .unwrap();
-    let (n, got) = srv.join().unwrap();
-    assert_eq!(n, len, "bytes received");
-    assert_eq!(got, want, "payload changed in transit");
-}
-
-/// A TCP stream from `client` to `server` that keeps flowing until dropped; counts bytes received.
-struct Stream {
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Stream {
-    fn start(server: &Pod, client: &Pod, ip: &str) -> Stream {
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<u16>();
-        let (r, st) = (received.clone(), stop.clone());
-        let srv = spawn_in(&server.ns, move || {
-            let l = TcpListener::bind("0.0.0.0:0").unwrap();
-            tx.send(l.local_addr().unwrap().port()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
-            while !st.load(Ordering::Relaxed) {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        r.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let st = stop.clone();
-        let cli = spawn_in(&client.ns, move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
-            s.set_write_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            let chunk = vec![0x5au8; 16 * 1024];
-            while !st.load(Ordering::Relaxed) {
-                let _ = s.write(&chunk);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        Stream {
-            received,
-            stop,
-            threads: vec![srv, cli],
-        }
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Waits until more bytes than now have arrived (up to 10 s); true if they did.
-    fn grows(&self) -> bool {
-        let before = self.received();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.received() > before + 64 * 1024 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
 }
 
 /// `BPF_PROG_QUERY` of a TCX hook of `ifname` in `ns`: the program ids and link ids attached, in

@@ -4,161 +4,16 @@
 use berth_ebpf_common::{drop_reason, metric};
 use berth_tests::{
     cluster::{
-        Cluster, Mode, arp_frame, ipv4_echo, ipv6_router_advertisement, mac_of, ping_ttl,
-        ping_until, recv_raw_frame, send_raw_frame,
+        Cluster, Mode, Stream, arp_frame, ipv4_echo, ipv6_router_advertisement, mac_of, ping_ttl,
+        ping_until, recv_raw_frame, send_raw_frame, transfer_exact,
     },
     cni::Pod,
     netns::NetNs,
 };
-use sha2::{Digest, Sha256};
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
-
-/// Spawns `f` on a thread inside `ns` (sockets it creates stay there).
-fn spawn_in<T: Send + 'static>(
-    ns: &NetNs,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
-}
-
-/// Sends `len` bytes from `client` to a server in `server` at `ip` and checks they arrive intact.
-fn transfer_exact(server: &Pod, client: &Pod, ip: &str, len: usize) {
-    let listener_ready = std::sync::mpsc::channel::<u16>();
-    let srv = spawn_in(&server.ns, move || {
-        let l = TcpListener::bind("0.0.0.0:0").unwrap();
-        listener_ready
-            .0
-            .send(l.local_addr().unwrap().port())
-            .unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut h = Sha256::new();
-        let mut n = 0usize;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let r = s.read(&mut buf).unwrap();
-            if r == 0 {
-                break;
-            }
-            h.update(&buf[..r]);
-            n += r;
-        }
-        (n, h.finalize().to_vec())
-    });
-    let port = listener_ready
-        .1
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap();
-    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-    let data = pattern(len);
-    let want = Sha256::digest(&data).to_vec();
-    spawn_in(&client.ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
-        s.write_all(&data).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-    })
-    .join()
-    .unwrap();
-    let (n, got) = srv.join().unwrap();
-    assert_eq!(n, len, "bytes received");
-    assert_eq!(got, want, "payload changed in transit");
-}
-
-/// A TCP stream from `client` to `server` that keeps flowing until stopped; counts bytes
-/// received.
-struct Stream {
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Stream {
-    fn start(server: &Pod, client: &Pod, ip: &str) -> Stream {
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<u16>();
-        let (r, st) = (received.clone(), stop.clone());
-        let srv = spawn_in(&server.ns, move || {
-            let l = TcpListener::bind("0.0.0.0:0").unwrap();
-            tx.send(l.local_addr().unwrap().port()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
-            while !st.load(Ordering::Relaxed) {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        r.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let st = stop.clone();
-        let cli = spawn_in(&client.ns, move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
-            s.set_write_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            let chunk = vec![0x5au8; 16 * 1024];
-            while !st.load(Ordering::Relaxed) {
-                let _ = s.write(&chunk);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        Stream {
-            received,
-            stop,
-            threads: vec![srv, cli],
-        }
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Waits until more bytes than now have arrived (up to 10 s); true if they did.
-    fn grows(&self) -> bool {
-        let before = self.received();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.received() > before + 64 * 1024 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
 
 fn mtu_of(pod: &Pod) -> u32 {
     // Not /sys/class/net: sysfs shows the namespace of whoever mounted it.
