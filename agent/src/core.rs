@@ -488,19 +488,7 @@ impl AgentCore {
         k: &str,
         plumbed: Plumbed,
     ) -> Result<EndpointRecord> {
-        let mut ep = inner
-            .state
-            .endpoints
-            .get(k)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no address allocated for {k}")))?;
-        ep.host_ifname = plumbed.host_ifname;
-        ep.host_ifindex = plumbed.host_ifindex;
-        ep.pod_mac = plumbed.pod_mac;
-        ep.host_mac = plumbed.host_mac;
-        if !plumbed.netns.is_empty() {
-            ep.netns = plumbed.netns;
-        }
+        let mut ep = Self::plumbed_record(inner, k, plumbed)?;
         // The entry before the programs: the pod's first packet already finds its endpoint.
         inner.dp.upsert_endpoint(ep.address, endpoint_info(&ep))?;
         ep.state = EndpointState::Ready;
@@ -527,14 +515,15 @@ impl AgentCore {
         Ok(true)
     }
 
-    /// Makes the allocated (or ready) endpoint `cid/ifname` ready on `plumbed`: entry, then
-    /// filters. The caller commits.
-    fn ready_locked(inner: &mut Inner, cid: &str, ifname: &str, plumbed: Plumbed) -> Result<u32> {
-        let k = store::key(cid, ifname);
-        let mut ep =
-            inner.state.endpoints.get(&k).cloned().ok_or_else(|| {
-                Error::NotFound(format!("no address allocated for {cid}/{ifname}"))
-            })?;
+    /// The registry record of the allocated (or ready) endpoint `k`, updated with where the
+    /// plugin plumbed it (not stored yet).
+    fn plumbed_record(inner: &Inner, k: &str, plumbed: Plumbed) -> Result<EndpointRecord> {
+        let mut ep = inner
+            .state
+            .endpoints
+            .get(k)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no address allocated for {k}")))?;
         ep.host_ifname = plumbed.host_ifname;
         ep.host_ifindex = plumbed.host_ifindex;
         ep.pod_mac = plumbed.pod_mac;
@@ -542,6 +531,14 @@ impl AgentCore {
         if !plumbed.netns.is_empty() {
             ep.netns = plumbed.netns;
         }
+        Ok(ep)
+    }
+
+    /// Makes the allocated (or ready) endpoint `cid/ifname` ready on `plumbed`: entry, then
+    /// filters. The caller commits.
+    fn ready_locked(inner: &mut Inner, cid: &str, ifname: &str, plumbed: Plumbed) -> Result<u32> {
+        let k = store::key(cid, ifname);
+        let mut ep = Self::plumbed_record(inner, &k, plumbed)?;
         // The entry before the programs: the pod's first packet already finds its endpoint.
         inner.dp.upsert_endpoint(ep.address, endpoint_info(&ep))?;
         if let Err(e) = inner.dp.attach(&ep.host_ifname) {

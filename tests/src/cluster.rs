@@ -126,27 +126,8 @@ impl Cluster {
         }
         for (i, name) in names.into_iter().enumerate() {
             let ns = NetNs::new("bk");
-            let bridge_side = unique_name("bv");
-            run_ok(Command::new("ip").args([
-                "-n",
-                &cluster.net.name,
-                "link",
-                "add",
-                &bridge_side,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns.name,
-            ]));
-            cluster
-                .net
-                .exec_ok(&["ip", "link", "set", &bridge_side, "master", "br0", "up"]);
             let ip = node_ip(i);
-            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            plug_into_bridge(&cluster.net, &ns, &ip);
             let mut args: Vec<String> = vec![
                 "--manifests".into(),
                 cluster.manifests.path().display().to_string(),
@@ -237,6 +218,29 @@ impl Cluster {
         let ip = self.nodes[i].node.add(&pod);
         (pod, ip)
     }
+}
+
+/// Gives node namespace `ns` an `eth0` with `ip`/24, plugged into the `br0` of the private network
+/// namespace `net`.
+pub fn plug_into_bridge(net: &NetNs, ns: &NetNs, ip: &str) {
+    let bridge_side = unique_name("bv");
+    run_ok(Command::new("ip").args([
+        "-n",
+        &net.name,
+        "link",
+        "add",
+        &bridge_side,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &ns.name,
+    ]));
+    net.exec_ok(&["ip", "link", "set", &bridge_side, "master", "br0", "up"]);
+    ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
 }
 
 /// TTL of the first reply of `ping -c 1` from `from` to `ip`, if any.

@@ -474,29 +474,11 @@ impl Flannel {
         };
         for i in 0..n {
             let ns = NetNs::new("fk");
-            let bridge_side = unique_name("fv");
-            run_ok(Command::new("ip").args([
-                "-n",
-                &f.net.name,
-                "link",
-                "add",
-                &bridge_side,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns.name,
-            ]));
-            f.nodes.push(ns);
-            let ns = &f.nodes[i];
-            f.net
-                .exec_ok(&["ip", "link", "set", &bridge_side, "master", "br0", "up"]);
             let ip = flannel_node_ip(i);
             let sub = flannel_subnet(i);
-            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            berth_tests::cluster::plug_into_bridge(&f.net, &ns, &ip);
+            f.nodes.push(ns);
+            let ns = &f.nodes[i];
             ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             // flanneld's vxlan backend: VNI 1, port 8472, local node IP, no learning; the VTEP
             // holds the subnet's .0 address as /32.
