@@ -30,4 +30,4 @@ step "build binaries used by the end-to-end tests"
 cargo build --workspace --bins --locked
 
 step "unit and end-to-end tests"
-cargo test --workspace --locked -- --test-threads="${BERTH_TEST_THREADS:-2}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${BERTH_TEST_THREADS:-2}"

@@ -320,6 +320,9 @@ pub fn agent_args(
         node_runtime_socket: "none".into(),
         node_datapath_pin: "none".into(),
         node_disk_path: dir.to_path_buf(),
+        // The tests' directories sit on the machine's disk, whose free space they cannot
+        // control; the lifecycle suite probes DiskPressure on a tmpfs it owns (TestDisk).
+        node_disk_min_free_percent: 0.0,
         node_heartbeat_ms: Some(200),
     }
 }
@@ -845,5 +848,62 @@ impl Pki {
             client_cert: w("client.pem", cl.pem()),
             client_key: w("client-key.pem", cl_key.serialize_pem()),
         }
+    }
+}
+
+/// A small tmpfs the test mounts and owns: the agent's DiskPressure probe looks at it instead of
+/// the machine's own disk, whose free space a test cannot control (a CI machine with less than
+/// 10 % free would otherwise report every node under DiskPressure). Unmounted on drop.
+pub struct TestDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TestDisk {
+    /// Mounts a `size_mib` MiB tmpfs on a fresh directory.
+    pub fn mount(size_mib: u32) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-disk-")
+            .tempdir()
+            .expect("tempdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={size_mib}m").as_str()),
+        )
+        .expect("mount the test's tmpfs (needs root)");
+        TestDisk { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem until less than `free_fraction` of it is free (one file, `fill`).
+    pub fn fill_until_free_below(&self, free_fraction: f64) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("fill")).expect("fill file");
+        let chunk = vec![0xa5u8; 256 * 1024];
+        loop {
+            let st = nix::sys::statvfs::statvfs(self.path()).expect("statvfs");
+            let free = st.blocks_available() as f64 / st.blocks().max(1) as f64;
+            if free < free_fraction {
+                break;
+            }
+            f.write_all(&chunk).expect("write fill");
+            f.flush().ok();
+        }
+    }
+
+    /// Frees what [`TestDisk::fill_until_free_below`] took.
+    pub fn drain(&self) {
+        std::fs::remove_file(self.path().join("fill")).expect("remove fill");
+    }
+}
+
+impl Drop for TestDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }

@@ -23,7 +23,7 @@ use berth_controlplane::{
 };
 use berth_tests::{
     netns::require_root,
-    tunnel::{AgentGuard, TOKEN, agent_args, token_file},
+    tunnel::{AgentGuard, TOKEN, TestDisk, agent_args, token_file},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -63,6 +63,8 @@ struct Cluster {
     healthz: SocketAddr,
     healthy: Arc<AtomicBool>,
     handled: Vec<ProvisionRequest>,
+    /// The filesystem every node's DiskPressure probe looks at (the test controls its fill).
+    disk: TestDisk,
 }
 
 impl Cluster {
@@ -90,6 +92,7 @@ impl Cluster {
             healthz,
             healthy,
             handled: Vec::new(),
+            disk: TestDisk::mount(8),
         }
     }
 
@@ -120,6 +123,8 @@ impl Cluster {
         args.node_version = version.into();
         args.node_heartbeat_ms = None; // the control plane's hint (100 ms)
         args.node_kubelet_healthz = self.healthz.to_string();
+        args.node_disk_path = self.disk.path().to_path_buf();
+        args.node_disk_min_free_percent = 10.0;
         args.node_taints = vec!["dedicated=batch:NoSchedule".into()];
         args.node_upgrade_hook = Some(format!(
             "echo \"$BERTH_VERSION\" >> {}/upgrades",
@@ -370,6 +375,27 @@ async fn failing_condition_marks_not_ready_and_recovers() {
     );
     c.healthy.store(true, Ordering::Relaxed);
     c.wait("Ready again", |s| {
+        state_of(s, "i-0001") == Some(NodeState::Ready)
+    })
+    .await;
+    // DiskPressure, as kubelet's default eviction threshold: under 10 % free.
+    c.disk.fill_until_free_below(0.05);
+    c.wait("NotReady on disk pressure", |s| {
+        state_of(s, "i-0001") == Some(NodeState::NotReady)
+    })
+    .await;
+    let s = c.status();
+    assert!(
+        node(&s, "i-0001").reason.contains("DiskPressure"),
+        "{}",
+        node(&s, "i-0001").reason
+    );
+    assert_eq!(
+        node(&s, "i-0001").conditions.get("DiskPressure"),
+        Some(&true)
+    );
+    c.disk.drain();
+    c.wait("Ready after the disk is freed", |s| {
         state_of(s, "i-0001") == Some(NodeState::Ready)
     })
     .await;

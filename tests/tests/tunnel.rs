@@ -1119,6 +1119,8 @@ async fn berth_agent_binary_first_sigterm_drains_second_exits() {
             "none",
         ])
         .args(["--node-datapath-pin", "none", "--node-disk-path", &s("")])
+        // The machine's own disk: its free space is not the test's to control.
+        .args(["--node-disk-min-free-percent", "0"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)

@@ -122,6 +122,10 @@ pub struct TunnelArgs {
     /// Filesystem checked for DiskPressure.
     #[arg(long, default_value = "/var/lib")]
     pub node_disk_path: PathBuf,
+    /// DiskPressure when less than this percentage of --node-disk-path is free (kubelet's
+    /// default hard eviction threshold, nodefs.available<10%); 0 never reports pressure.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_percent)]
+    pub node_disk_min_free_percent: f64,
     /// Heartbeat period in ms (default: the control plane's hint).
     #[arg(long)]
     pub node_heartbeat_ms: Option<u64>,
@@ -374,7 +378,7 @@ pub fn prepare(args: &TunnelArgs, basics: &NodeBasics) -> Result<TunnelHandle> {
         runtime_socket: opt_path(&args.node_runtime_socket),
         datapath_pin: opt_path(&args.node_datapath_pin),
         disk_path: args.node_disk_path.clone(),
-        disk_min_free: 0.10,
+        disk_min_free: args.node_disk_min_free_percent / 100.0,
     };
     let stats = Arc::new(Stats::default());
     let ctx = Arc::new(Ctx {
@@ -511,4 +515,17 @@ pub async fn run_prepared(
         }
     }
     Ok(())
+}
+
+/// A percentage between 0 and 100.
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 100"))
+    }
 }

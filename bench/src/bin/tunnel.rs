@@ -166,6 +166,7 @@ fn agent_child(args: &[String]) -> anyhow::Result<()> {
             node_runtime_socket: "none".into(),
             node_datapath_pin: "none".into(),
             node_disk_path: PathBuf::from(dir),
+            node_disk_min_free_percent: 0.0,
             ..Default::default()
         };
         let basics = berth_agent::tunnel::NodeBasics {
