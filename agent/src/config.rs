@@ -67,6 +67,16 @@ pub struct AgentArgs {
     /// on current kernels, so it is opt-in. [default: netlink]
     #[arg(long, env = "BERTH_TC_ATTACH", value_enum)]
     pub tc_attach: Option<TcAttach>,
+    /// Capacity of the connection-tracking table (shared by NetworkPolicy, Services and
+    /// masquerade). A full table evicts the least recently used connection, which is then
+    /// checked against the policy again at its next packet. [default: 0.25 % of the node's
+    /// memory at 128 bytes an entry, 64 Ki to 4 Mi entries]
+    #[arg(long, env = "BERTH_CONNTRACK_MAX")]
+    pub conntrack_max: Option<u32>,
+    /// Also report every new connection the policy allows on the event ring buffer (`berthctl
+    /// monitor` shows them); denied packets are always reported.
+    #[arg(long, env = "BERTH_MONITOR_ALLOWED")]
+    pub monitor_allowed: bool,
     /// Do not fsync the state file after each change (faster, not power-loss safe).
     #[arg(long)]
     pub no_fsync: bool,
@@ -91,6 +101,8 @@ struct FileConfig {
     uplink: Option<String>,
     node_ip: Option<Ipv4Addr>,
     tc_attach: Option<TcAttach>,
+    conntrack_max: Option<u32>,
+    monitor_allowed: Option<bool>,
 }
 
 /// Resolved settings.
@@ -111,6 +123,9 @@ pub struct Settings {
     pub uplink: Option<String>,
     pub node_ip: Option<Ipv4Addr>,
     pub tc_attach: TcAttach,
+    /// `None`: sized from the node's memory.
+    pub conntrack_max: Option<u32>,
+    pub monitor_allowed: bool,
 }
 
 impl AgentArgs {
@@ -173,6 +188,15 @@ impl AgentArgs {
             uplink: self.uplink.clone().or(file.uplink),
             node_ip: self.node_ip.or(file.node_ip),
             tc_attach: self.tc_attach.or(file.tc_attach).unwrap_or_default(),
+            conntrack_max: match self.conntrack_max.or(file.conntrack_max) {
+                Some(n) if !(1024..=(1 << 24)).contains(&n) => {
+                    return Err(Error::Config(format!(
+                        "conntrack-max {n} is outside 1024..=16777216"
+                    )));
+                }
+                other => other,
+            },
+            monitor_allowed: self.monitor_allowed || file.monitor_allowed.unwrap_or(false),
         })
     }
 }

@@ -72,12 +72,18 @@ struct Persist {
     persisted: u64,
 }
 
+/// Told that the endpoint registry changed; must return at once (it runs on the request path).
+pub type EndpointObserver = Box<dyn Fn() + Send + Sync>;
+
 /// The agent's state and logic.
 pub struct AgentCore {
     cfg: CoreConfig,
     networking: NodeNetworking,
     remote_pod_cidrs: AtomicU32,
     link_deleter: Option<LinkDeleter>,
+    /// Called after the registry changed (an endpoint became ready or went away): the policy
+    /// reconciler then joins the new endpoint to its pod's policy.
+    endpoint_observer: Option<EndpointObserver>,
     inner: Mutex<Inner>,
     persist: Mutex<Persist>,
     started: Instant,
@@ -88,6 +94,32 @@ fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The ready endpoints among `records`, as the policy reconciler joins them to pods.
+pub fn ready_endpoints<'a>(
+    records: impl Iterator<Item = &'a EndpointRecord>,
+) -> Vec<crate::policy::reconcile::LocalEndpoint> {
+    records
+        .filter(|e| e.state == EndpointState::Ready)
+        .map(|e| crate::policy::reconcile::LocalEndpoint {
+            id: e.id,
+            namespace: e.pod_namespace.clone(),
+            name: e.pod_name.clone(),
+            uid: e.pod_uid.clone(),
+            address: e.address,
+        })
+        .collect()
+}
+
+/// The requested address of an Allocate/AddEndpoint request (empty: none).
+fn parse_requested(s: &str) -> Result<Option<Ipv4Addr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        Error::InvalidArgument(format!("requested address {s:?} is not an IPv4 address"))
+    })
 }
 
 fn attachment_of(a: &Option<Attachment>) -> Result<(String, String)> {
@@ -173,6 +205,7 @@ impl AgentCore {
             networking: NodeNetworking::default(),
             remote_pod_cidrs: AtomicU32::new(0),
             link_deleter: None,
+            endpoint_observer: None,
             inner: Mutex::new(Inner {
                 state,
                 version,
@@ -195,6 +228,24 @@ impl AgentCore {
     pub fn with_link_deleter(mut self, deleter: LinkDeleter) -> Self {
         self.link_deleter = Some(deleter);
         self
+    }
+
+    /// Calls `observer` after every change of the registry (see [`EndpointObserver`]).
+    pub fn with_endpoint_observer(mut self, observer: EndpointObserver) -> Self {
+        self.endpoint_observer = Some(observer);
+        self
+    }
+
+    fn endpoints_changed(&self) {
+        if let Some(o) = &self.endpoint_observer {
+            o();
+        }
+    }
+
+    /// The ready endpoints, as the policy reconciler joins them to pods.
+    pub fn local_endpoints(&self) -> Vec<crate::policy::reconcile::LocalEndpoint> {
+        let g = self.inner.lock().unwrap();
+        ready_endpoints(g.state.endpoints.values())
     }
 
     /// Records how the node routes to other nodes' pods (shown by `status`).
@@ -312,6 +363,8 @@ impl AgentCore {
         };
         p.store.save(&state)?;
         p.persisted = version;
+        drop(p);
+        self.endpoints_changed();
         Ok(())
     }
 
@@ -319,7 +372,9 @@ impl AgentCore {
     pub fn allocate(&self, req: AllocateRequest) -> Result<AllocateResponse> {
         let (cid, ifname) = attachment_of(&req.attachment)?;
         let mut g = self.inner.lock().unwrap();
-        let (address, _) = self.allocate_locked(&mut g, &cid, &ifname, req.pod, req.netns)?;
+        let requested = parse_requested(&req.requested_address)?;
+        let (address, _) =
+            self.allocate_locked(&mut g, &cid, &ifname, req.pod, req.netns, requested)?;
         Ok(AllocateResponse {
             address: format!("{address}/32"),
             gateway: ipam::GATEWAY.to_string(),
@@ -336,9 +391,18 @@ impl AgentCore {
         ifname: &str,
         pod: Option<pb::PodRef>,
         netns: String,
+        requested: Option<Ipv4Addr>,
     ) -> Result<(Ipv4Addr, bool)> {
         let k = store::key(cid, ifname);
         if let Some(ep) = inner.state.endpoints.get(&k) {
+            if let Some(r) = requested
+                && r != ep.address
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{cid}/{ifname} already has {} (requested {r})",
+                    ep.address
+                )));
+            }
             if ep.state == EndpointState::Allocated {
                 // A retried ADD: its lease starts again.
                 inner.allocated_at.insert(k.clone(), Instant::now());
@@ -346,7 +410,13 @@ impl AgentCore {
             return Ok((ep.address, false));
         }
         let used: BTreeSet<Ipv4Addr> = inner.state.endpoints.values().map(|e| e.address).collect();
-        let ip = ipam::next_free(&self.cfg.pod_cidr, &used, inner.state.last_allocated)?;
+        let ip = match requested {
+            Some(r) => {
+                ipam::check_requested(&self.cfg.pod_cidr, &used, r)?;
+                r
+            }
+            None => ipam::next_free(&self.cfg.pod_cidr, &used, inner.state.last_allocated)?,
+        };
         let pod = pod.unwrap_or_default();
         let id = inner.state.next_endpoint_id;
         inner.state.next_endpoint_id = id.checked_add(1).unwrap_or(1);
@@ -421,7 +491,9 @@ impl AgentCore {
         )?;
         let k = store::key(&cid, &ifname);
         let mut g = self.inner.lock().unwrap();
-        let (address, new) = self.allocate_locked(&mut g, &cid, &ifname, req.pod, req.netns)?;
+        let requested = parse_requested(&req.requested_address)?;
+        let (address, new) =
+            self.allocate_locked(&mut g, &cid, &ifname, req.pod, req.netns, requested)?;
         let before = g.state.endpoints.get(&k).cloned().expect("just allocated");
         let ep = match Self::prepare_ready_locked(&mut g, &k, plumbed) {
             Ok(ep) => ep,
@@ -463,6 +535,8 @@ impl AgentCore {
             Ok(()) => {
                 if !saved? {
                     self.commit()?;
+                } else {
+                    self.endpoints_changed();
                 }
                 tracing::info!(container = %cid, ifname = %ifname, endpoint = ep.id, host_if = %ep.host_ifname, address = %ep.address, "endpoint ready");
             }

@@ -17,15 +17,19 @@ use crate::{
     cluster::{self, ClusterModel},
     config::{DEFAULT_POD_CIDR, Settings},
     core::{AgentCore, CoreConfig, NodeNetworking},
-    datapath::{DeviceRole, EbpfDatapath, Ipcache},
+    datapath::{DeviceRole, EbpfDatapath, Ipcache, PolicyMapsEbpf},
     error::{Error, Result},
     lock::StateLock,
+    policy::{
+        PolicyEngine,
+        reconcile::{LocalEndpoint, PolicyReconciler},
+    },
     routing::{self, NodeRoute, Router, RoutingMode, Topology},
     server,
     store::Store,
     tunnel,
 };
-use berth_ebpf_common::{DatapathConfig, routing_mode};
+use berth_ebpf_common::{DatapathConfig, EVENTS_ALLOWED, routing_mode};
 use ipnet::Ipv4Net;
 use std::{
     collections::BTreeMap,
@@ -168,7 +172,13 @@ pub async fn run(opts: Options) -> Result<()> {
             .await
             .map_err(blocking_err)??
     };
-    let Started { core, router, mtu } = start;
+    let Started {
+        core,
+        router,
+        mtu,
+        policy,
+    } = start;
+    let policy = Arc::new(Mutex::new(policy));
     tracing::info!(
         node = %s.node_name,
         %pod_cidr,
@@ -181,14 +191,25 @@ pub async fn run(opts: Options) -> Result<()> {
     let router = Arc::new(Mutex::new(router));
 
     let (del_tx, del_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
-    let core = Arc::new(core.with_link_deleter(Box::new(move |name, index| {
-        let _ = del_tx.send((name, index));
-    })));
+    let endpoints_changed = Arc::new(tokio::sync::Notify::new());
+    let notify = endpoints_changed.clone();
+    let core = Arc::new(
+        core.with_link_deleter(Box::new(move |name, index| {
+            let _ = del_tx.send((name, index));
+        }))
+        .with_endpoint_observer(Box::new(move || notify.notify_one())),
+    );
     let drained = core.drain_delete_queue(&s.cni_state_dir)?;
     if drained > 0 {
         tracing::info!(drained, "applied DELs queued while the agent was down");
     }
     tokio::spawn(crate::links::delete_links(del_rx));
+    tokio::spawn(policy_loop(
+        models.clone(),
+        core.clone(),
+        policy.clone(),
+        endpoints_changed,
+    ));
     tokio::spawn(routing_loop(
         models,
         router.clone(),
@@ -275,6 +296,7 @@ struct Started {
     core: AgentCore,
     router: Router,
     mtu: u32,
+    policy: PolicyState,
 }
 
 /// Steps 3-5 of the start-up order (blocking: netlink and bpf syscalls).
@@ -295,9 +317,15 @@ fn start_datapath(
         vxlan_ifindex: topo.vxlan.as_ref().map_or(0, |l| l.index),
         uplink_ifindex: topo.uplink.as_ref().map_or(0, |l| l.index),
         node_ip: topo.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+        policy_revision: 0,
+        event_flags: if s.monitor_allowed { EVENTS_ALLOWED } else { 0 },
         _pad: 0,
     };
-    let mut dp = EbpfDatapath::load(&s.pin_root, &s.state_dir, dp_cfg, s.tc_attach)?;
+    let ct_max = s.conntrack_max.unwrap_or_else(|| {
+        crate::datapath::conntrack_capacity(crate::datapath::node_memory().unwrap_or(8 << 30))
+    });
+    let mut dp = EbpfDatapath::load(&s.pin_root, &s.state_dir, dp_cfg, s.tc_attach, ct_max)?;
+    tracing::info!(conntrack_max = ct_max, "conntrack table sized");
     let mut router = Router::new(topo.clone(), Ipcache::open(&s.pin_root)?)?;
     // Only a synced model is the truth: reconciling an empty one would remove every route.
     let mut remotes = None;
@@ -317,8 +345,19 @@ fn start_datapath(
     if let Some(vx) = &topo.vxlan {
         dp.attach_device(&vx.name, DeviceRole::Overlay)?;
     }
-    let pin_root = s.pin_root.clone();
+    // Policy is in force before any filter is re-pointed at new programs (an upgrade that
+    // re-created the maps never lets denied traffic through in between).
+    let mut policy = PolicyState {
+        engine: PolicyEngine::new(&s.node_name),
+        reconciler: PolicyReconciler::adopt(PolicyMapsEbpf::open(&s.pin_root)?)?,
+        model_revision: None,
+    };
     let store = Store::new(&s.state_dir, s.fsync)?;
+    if model.synced {
+        let endpoints = crate::core::ready_endpoints(store.load()?.endpoints.values());
+        policy.apply(model, &endpoints)?;
+    }
+    let pin_root = s.pin_root.clone();
     let core = AgentCore::new(
         CoreConfig {
             node_name: s.node_name.clone(),
@@ -338,7 +377,102 @@ fn start_datapath(
     }
     // Every filter now points at the current programs and maps.
     crate::datapath::retire_unused_pins(&pin_root)?;
-    Ok(Started { core, router, mtu })
+    Ok(Started {
+        core,
+        router,
+        mtu,
+        policy,
+    })
+}
+
+/// The identities-and-policy reconciler's state: the engine (compiled model) and the maps.
+pub struct PolicyState {
+    pub engine: PolicyEngine,
+    pub reconciler: PolicyReconciler<PolicyMapsEbpf>,
+    /// The model revision the engine last compiled.
+    model_revision: Option<u64>,
+}
+
+impl PolicyState {
+    /// Compiles `model` (when it changed) and writes what differs for `endpoints`.
+    pub fn apply(
+        &mut self,
+        model: &ClusterModel,
+        endpoints: &[LocalEndpoint],
+    ) -> Result<crate::policy::reconcile::Writes> {
+        if self.model_revision != Some(model.revision) {
+            self.engine.update(model);
+            self.model_revision = Some(model.revision);
+        }
+        let hosts = host_addresses();
+        self.reconciler
+            .reconcile(self.engine.compiled(), model, endpoints, &hosts)
+    }
+}
+
+/// Every IPv4 address of this node's own stack: traffic from them is the host identity.
+fn host_addresses() -> Vec<Ipv4Addr> {
+    match berth_netlink::Netlink::new().and_then(|mut nl| nl.all_addresses()) {
+        Ok(a) => a.into_iter().map(|(_, ip, _)| ip).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the node's addresses failed");
+            Vec::new()
+        }
+    }
+}
+
+/// Applies policy on every model change, every endpoint change, and every 30 s (the node's
+/// addresses may change; drift is repaired).
+async fn policy_loop(
+    mut models: watch::Receiver<Arc<ClusterModel>>,
+    core: Arc<AgentCore>,
+    policy: Arc<Mutex<PolicyState>>,
+    endpoints_changed: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        tokio::select! {
+            r = models.changed() => {
+                if r.is_err() {
+                    tracing::warn!("state source stopped; policy stays as it is");
+                    return;
+                }
+            }
+            _ = endpoints_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        let model = models.borrow_and_update().clone();
+        if !model.synced {
+            continue;
+        }
+        let core = core.clone();
+        let policy = policy.clone();
+        let started = Instant::now();
+        let res = tokio::task::spawn_blocking(move || {
+            let endpoints = core.local_endpoints();
+            let mut p = policy.lock().unwrap();
+            let w = p.apply(&model, &endpoints)?;
+            Ok::<_, Error>((w, p.reconciler.revision(), model.revision))
+        })
+        .await;
+        match res {
+            Ok(Ok((w, _, _))) if w.total() == 0 => {}
+            Ok(Ok((w, revision, model_revision))) => tracing::info!(
+                policy_added = w.policy_added,
+                policy_removed = w.policy_removed,
+                cidr = w.cidr_written + w.cidr_removed,
+                states = w.states_written + w.states_removed,
+                ipcache = w.ipcache_written + w.ipcache_removed,
+                revision,
+                model_revision,
+                elapsed = ?started.elapsed(),
+                "policy applied"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "applying policy failed; retrying at the next change or in 30 s")
+            }
+            Err(e) => tracing::warn!(error = %e, "policy task failed"),
+        }
+    }
 }
 
 /// Reconciles routes and tunnels on every model change, and every 30 s against drift.

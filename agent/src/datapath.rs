@@ -32,9 +32,10 @@ use aya::{
     },
 };
 use berth_ebpf_common::{
-    ALL_MAPS, ALL_PROGRAMS, DatapathConfig, EndpointInfo, IpcacheEntry, LAYOUT_VERSION, MAP_CONFIG,
-    MAP_ENDPOINTS, MAP_IPCACHE, MAP_METRICS, MetricKey, MetricValue, PROG_FROM_NETDEV,
-    PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_TO_OVERLAY, PROG_TO_POD, drop_reason, metric,
+    ALL_MAPS, ALL_PROGRAMS, CidrKey, DatapathConfig, EndpointInfo, EndpointPolicy, IpcacheEntry,
+    LAYOUT_VERSION, MAP_CONFIG, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IPCACHE, MAP_METRICS, MAP_POLICY,
+    MAP_POLICY_CIDR, MAP_POLICY_STATE, MetricKey, MetricValue, PROG_FROM_NETDEV, PROG_FROM_OVERLAY,
+    PROG_FROM_POD, PROG_TO_OVERLAY, PROG_TO_POD, PolicyKey, PolicyValue, drop_reason, metric,
 };
 use ipnet::Ipv4Net;
 use std::{
@@ -464,7 +465,10 @@ pub const LAYOUT_FILE: &str = "datapath-layout";
 /// capacity, flags) and the recorded [`LAYOUT_VERSION`]; unpins the ones that differ so that the
 /// loader creates them afresh (aya would otherwise reuse a pin of any layout and the programs would
 /// misread it). Returns the names of the maps that will be re-created.
-pub fn check_map_layouts(pin_root: &Path, state_dir: &Path) -> Result<Vec<String>> {
+///
+/// `ct_max` is the conntrack table's capacity this agent wants (it is sized at load time, not in
+/// the object): a pinned table of another capacity is re-created too.
+pub fn check_map_layouts(pin_root: &Path, state_dir: &Path, ct_max: u32) -> Result<Vec<String>> {
     let obj = aya_obj::Object::parse(BPF_OBJECT)
         .map_err(|e| Error::Datapath(format!("parse the datapath object: {e}")))?;
     let maps_dir = pin_root.join("maps");
@@ -498,7 +502,11 @@ pub fn check_map_layouts(pin_root: &Path, state_dir: &Path) -> Result<Vec<String
                     def.map_type(),
                     def.key_size(),
                     def.value_size(),
-                    def.max_entries(),
+                    if name == MAP_CONNTRACK {
+                        ct_max
+                    } else {
+                        def.max_entries()
+                    },
                     def.map_flags(),
                 );
                 (have != want).then(|| {
@@ -565,6 +573,144 @@ impl Ipcache {
     }
 }
 
+/// Conntrack capacity for a node with `mem_bytes` of memory: 0.25 % of it at ~128 bytes per entry
+/// (key, value and the kernel's per-element overhead), as Cilium sizes its tables, between 64 Ki
+/// and 4 Mi entries, rounded to a power of two.
+pub fn conntrack_capacity(mem_bytes: u64) -> u32 {
+    let raw = (mem_bytes / 400 / 128).clamp(1 << 16, 1 << 22);
+    1u32 << (63 - raw.leading_zeros())
+}
+
+/// The node's memory from `/proc/meminfo` (`MemTotal`), in bytes.
+pub fn node_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn open_pinned(pin_root: &Path, name: &str) -> Result<MapData> {
+    Ok(MapData::from_pin(pin_root.join("maps").join(name))?)
+}
+
+fn absent_ok(r: std::result::Result<(), MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The policy maps, opened from their pins: written by the identities-and-policy reconciler
+/// ([`crate::policy::reconcile`]).
+pub struct PolicyMapsEbpf {
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    cidr: LpmTrie<MapData, CidrKey, u32>,
+    states: HashMap<MapData, u32, EndpointPolicy>,
+    ipcache: LpmTrie<MapData, u32, IpcacheEntry>,
+    config: Array<MapData, DatapathConfig>,
+}
+
+impl PolicyMapsEbpf {
+    pub fn open(pin_root: &Path) -> Result<Self> {
+        Ok(PolicyMapsEbpf {
+            policy: LpmTrie::try_from(aya::maps::Map::LpmTrie(open_pinned(pin_root, MAP_POLICY)?))?,
+            cidr: LpmTrie::try_from(aya::maps::Map::LpmTrie(open_pinned(
+                pin_root,
+                MAP_POLICY_CIDR,
+            )?))?,
+            states: HashMap::try_from(aya::maps::Map::HashMap(open_pinned(
+                pin_root,
+                MAP_POLICY_STATE,
+            )?))?,
+            ipcache: LpmTrie::try_from(aya::maps::Map::LpmTrie(open_pinned(
+                pin_root,
+                MAP_IPCACHE,
+            )?))?,
+            config: Array::try_from(aya::maps::Map::Array(open_pinned(pin_root, MAP_CONFIG)?))?,
+        })
+    }
+}
+
+impl crate::policy::reconcile::PolicyMaps for PolicyMapsEbpf {
+    fn read_policy(&self) -> Result<std::collections::BTreeSet<(PolicyKey, u32)>> {
+        let mut out = std::collections::BTreeSet::new();
+        for kv in self.policy.iter() {
+            let (k, _) = kv?;
+            out.insert((k.data(), k.prefix_len()));
+        }
+        Ok(out)
+    }
+    fn read_cidr(&self) -> Result<BTreeMap<(CidrKey, u32), u32>> {
+        let mut out = BTreeMap::new();
+        for kv in self.cidr.iter() {
+            let (k, v) = kv?;
+            out.insert((k.data(), k.prefix_len()), v);
+        }
+        Ok(out)
+    }
+    fn read_states(&self) -> Result<BTreeMap<u32, EndpointPolicy>> {
+        let mut out = BTreeMap::new();
+        for kv in self.states.iter() {
+            let (k, v) = kv?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+    fn read_hosts(&self) -> Result<BTreeMap<Ipv4Addr, IpcacheEntry>> {
+        let mut out = BTreeMap::new();
+        for kv in self.ipcache.iter() {
+            let (k, v) = kv?;
+            if k.prefix_len() == 32 {
+                out.insert(Ipv4Addr::from(k.data().to_ne_bytes()), v);
+            }
+        }
+        Ok(out)
+    }
+    fn put_policy(&mut self, key: &(PolicyKey, u32)) -> Result<()> {
+        self.policy
+            .insert(&Key::new(key.1, key.0), PolicyValue::default(), 0)?;
+        Ok(())
+    }
+    fn del_policy(&mut self, key: &(PolicyKey, u32)) -> Result<()> {
+        absent_ok(self.policy.remove(&Key::new(key.1, key.0)))
+    }
+    fn put_cidr(&mut self, key: &(CidrKey, u32), id: u32) -> Result<()> {
+        self.cidr.insert(&Key::new(key.1, key.0), id, 0)?;
+        Ok(())
+    }
+    fn del_cidr(&mut self, key: &(CidrKey, u32)) -> Result<()> {
+        absent_ok(self.cidr.remove(&Key::new(key.1, key.0)))
+    }
+    fn put_state(&mut self, ep: u32, state: EndpointPolicy) -> Result<()> {
+        self.states.insert(ep, state, 0)?;
+        Ok(())
+    }
+    fn del_state(&mut self, ep: u32) -> Result<()> {
+        absent_ok(self.states.remove(&ep))
+    }
+    fn put_host(&mut self, addr: Ipv4Addr, entry: IpcacheEntry) -> Result<()> {
+        self.ipcache
+            .insert(&Key::new(32, u32::from_ne_bytes(addr.octets())), entry, 0)?;
+        Ok(())
+    }
+    fn del_host(&mut self, addr: Ipv4Addr) -> Result<()> {
+        absent_ok(
+            self.ipcache
+                .remove(&Key::new(32, u32::from_ne_bytes(addr.octets()))),
+        )
+    }
+    fn revision(&self) -> Result<u32> {
+        Ok(self.config.get(&0, 0)?.policy_revision)
+    }
+    fn set_revision(&mut self, revision: u32) -> Result<()> {
+        let mut c = self.config.get(&0, 0)?;
+        c.policy_revision = revision;
+        self.config.set(0, c, 0)?;
+        Ok(())
+    }
+}
+
 /// The real datapath.
 pub struct EbpfDatapath {
     _ebpf: Ebpf,
@@ -591,21 +737,27 @@ impl EbpfDatapath {
     /// their hooks (after repopulating the new maps), so traffic keeps flowing meanwhile.
     ///
     /// `tc_attach` chooses how programs attach (see [`TcAttach`]); `auto` asks the kernel.
+    ///
+    /// `ct_max`: capacity of the conntrack table (see [`conntrack_capacity`]).
     pub fn load(
         pin_root: &Path,
         state_dir: &Path,
         config: DatapathConfig,
         tc_attach: TcAttach,
+        ct_max: u32,
     ) -> Result<Self> {
         let maps_dir = pin_root.join("maps");
         let progs_dir = pin_root.join("progs");
         prepare_pin_root(pin_root)?;
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
-        let recreated = check_map_layouts(pin_root, state_dir)?;
+        let recreated = check_map_layouts(pin_root, state_dir, ct_max)?;
         let (mechanism, why) = choose_mechanism(tc_attach)?;
         tracing::info!(tc_attach = %tc_attach, mechanism = mechanism.as_str(), "{why}");
-        let mut ebpf = EbpfLoader::new().map_pin_path(&maps_dir).load(BPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(&maps_dir)
+            .set_max_entries(MAP_CONNTRACK, ct_max)
+            .load(BPF_OBJECT)?;
 
         let digest = format!("{:016x}", fnv64(BPF_OBJECT));
         let digest_file = state_dir.join("datapath-object");
@@ -669,7 +821,17 @@ impl EbpfDatapath {
         let metrics = PerCpuHashMap::try_from(take(&mut ebpf, MAP_METRICS)?)?;
         let mut cfg: Array<MapData, DatapathConfig> =
             Array::try_from(take(&mut ebpf, MAP_CONFIG)?)?;
-        cfg.set(0, config, 0)?;
+        // The policy revision continues from the pinned configuration (conntrack entries carry
+        // it); everything else is this agent's.
+        let old_revision = cfg.get(&0, 0).map(|c| c.policy_revision).unwrap_or(0);
+        cfg.set(
+            0,
+            DatapathConfig {
+                policy_revision: old_revision,
+                ..config
+            },
+            0,
+        )?;
         let layout_file = state_dir.join(LAYOUT_FILE);
         std::fs::write(&layout_file, LAYOUT_VERSION.to_string())
             .map_err(|e| Error::io(format!("write {}", layout_file.display()), e))?;

@@ -86,9 +86,51 @@ pub fn next_free(
     Err(Error::Exhausted(cidr.to_string()))
 }
 
+/// Checks that `ip` may be given to a pod of `cidr`: inside it, neither the network, the node's
+/// reserved first address nor the broadcast address, and not in `used`.
+pub fn check_requested(cidr: &Ipv4Net, used: &BTreeSet<Ipv4Addr>, ip: Ipv4Addr) -> Result<()> {
+    if !cidr.contains(&ip) {
+        return Err(Error::InvalidArgument(format!(
+            "requested address {ip} is outside this node's pod CIDR {cidr}"
+        )));
+    }
+    let off = u32::from(ip) - u32::from(cidr.network());
+    let size = 1u32 << (32 - cidr.prefix_len());
+    if off < 2 || off >= size - 1 {
+        return Err(Error::InvalidArgument(format!(
+            "requested address {ip} is reserved in {cidr} (network, node or broadcast address)"
+        )));
+    }
+    if used.contains(&ip) {
+        return Err(Error::InvalidArgument(format!(
+            "requested address {ip} is already allocated to another attachment"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requested_addresses_are_checked() {
+        let c: Ipv4Net = "10.2.1.0/24".parse().unwrap();
+        let used: BTreeSet<Ipv4Addr> = ["10.2.1.7".parse().unwrap()].into_iter().collect();
+        assert!(check_requested(&c, &used, "10.2.1.10".parse().unwrap()).is_ok());
+        for bad in [
+            "10.2.2.10",
+            "10.2.1.0",
+            "10.2.1.1",
+            "10.2.1.255",
+            "10.2.1.7",
+        ] {
+            assert!(
+                check_requested(&c, &used, bad.parse().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn reserved_ranges_are_refused() {

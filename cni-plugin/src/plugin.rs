@@ -298,6 +298,7 @@ fn plumb(
         netns: netns.clone(),
         host_ifindex: pair.host.index,
         host_ifname: host_name.to_string(),
+        requested_address: env.args.get("IP").cloned().unwrap_or_default(),
         pod_mac: pair.pod_mac.to_vec(),
         host_mac: pair.host.mac.to_vec(),
     };
@@ -396,6 +397,7 @@ fn two_step(env: &Env, client: &mut AgentClient, req: AddEndpointRequest) -> Res
         attachment: req.attachment.clone(),
         pod: req.pod.clone(),
         netns: req.netns.clone(),
+        requested_address: req.requested_address.clone(),
     })) {
         Ok(local_response::Result::Allocate(a)) => a,
         Ok(_) => return Err(Error::Agent("unexpected response to Allocate".into())),

@@ -471,9 +471,21 @@ fn map_layout_upgrade_keeps_live_traffic() {
     assert!(local.grows(), "same-node stream stopped across the upgrade");
     let log = std::fs::read_to_string(node.agent_log()).unwrap();
     assert!(log.contains("map layout differs"), "{log}");
-    assert_eq!(value_size_of(&pins, "BERTH_ENDPOINTS"), 24);
-    assert_eq!(value_size_of(&pins, "BERTH_IPCACHE"), 16);
-    assert_eq!(value_size_of(&pins, "BERTH_CONFIG"), 24);
+    let size = |n: usize| n as u64;
+    use berth_ebpf_common::{DatapathConfig, EndpointInfo, IpcacheEntry};
+    use std::mem::size_of;
+    assert_eq!(
+        value_size_of(&pins, "BERTH_ENDPOINTS"),
+        size(size_of::<EndpointInfo>())
+    );
+    assert_eq!(
+        value_size_of(&pins, "BERTH_IPCACHE"),
+        size(size_of::<IpcacheEntry>())
+    );
+    assert_eq!(
+        value_size_of(&pins, "BERTH_CONFIG"),
+        size(size_of::<DatapathConfig>())
+    );
     assert_eq!(
         std::fs::read_to_string(&layout_file).unwrap().trim(),
         berth_ebpf_common::LAYOUT_VERSION.to_string()

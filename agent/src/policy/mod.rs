@@ -50,7 +50,9 @@
 mod compile;
 mod diff;
 pub mod identity;
+pub mod lower;
 mod parse;
+pub mod reconcile;
 pub mod selector;
 #[cfg(test)]
 mod tests;

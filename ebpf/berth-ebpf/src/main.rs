@@ -17,10 +17,14 @@
 //! * `berth_to_overlay` — tc egress on the VXLAN device: sets the tunnel key (the remote node) from
 //!   the ipcache, for pods' packets and for the host's own.
 //!
-//! Every path into a local pod goes through [`deliver`]: the destination endpoint's program,
-//! where ingress policy will hook in.
+//! Every IPv4 packet a pod sends, and every packet delivered to a pod (from a local pod, from
+//! another node, from the host stack), goes through the conntrack and policy step of
+//! [`policy::enforce`]: the sender's egress policy where the sender is a local pod, the
+//! receiver's ingress policy where the receiver is one.
 #![no_std]
 #![no_main]
+
+mod policy;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key},
@@ -31,14 +35,16 @@ use aya_ebpf::{
         },
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use berth_ebpf_common::{
-    DatapathConfig, EP_FLAG_READY, EndpointInfo, IPCACHE_FLAG_REMOTE_PODS, IpcacheEntry,
-    MAX_ENDPOINTS, MAX_IPCACHE, MAX_METRICS, MetricKey, MetricValue, NODE_METRICS_ID, VXLAN_VNI,
-    drop_reason, metric, routing_mode,
+    CidrKey, CtKey, CtValue, DEFAULT_CT_MAX, DatapathConfig, EP_FLAG_READY, EVENTS_BYTES,
+    EndpointInfo, EndpointPolicy, IPCACHE_FLAG_REMOTE_PODS, IpcacheEntry, MAX_ENDPOINTS,
+    MAX_IPCACHE, MAX_METRICS, MAX_POLICY, MAX_POLICY_CIDR, MetricKey, MetricValue, NODE_METRICS_ID,
+    PolicyKey, PolicyValue, VXLAN_VNI, drop_reason, metric, routing_mode,
 };
+use policy::{Flow, Sides};
 
 #[map(name = "BERTH_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
@@ -54,6 +60,22 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "BERTH_IPCACHE")]
 static IPCACHE: LpmTrie<u32, IpcacheEntry> = LpmTrie::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+
+#[map(name = "BERTH_POLICY")]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(MAX_POLICY, BPF_F_NO_PREALLOC);
+
+#[map(name = "BERTH_POLICY_CIDR")]
+static POLICY_CIDR: LpmTrie<CidrKey, u32> = LpmTrie::pinned(MAX_POLICY_CIDR, BPF_F_NO_PREALLOC);
+
+#[map(name = "BERTH_POLICY_STATE")]
+static POLICY_STATE: HashMap<u32, EndpointPolicy> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Its capacity is set by the agent at load time (scaled to the node's memory).
+#[map(name = "BERTH_CT")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0);
+
+#[map(name = "BERTH_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -110,17 +132,14 @@ fn config() -> DatapathConfig {
 
 /// The parts of an IPv4 header the datapath uses.
 #[derive(Clone, Copy)]
-struct Ipv4 {
-    saddr: u32,
-    daddr: u32,
+pub struct Ipv4 {
+    pub saddr: u32,
+    pub daddr: u32,
     /// Header length in bytes (options included).
-    #[allow(dead_code)]
-    hlen: usize,
-    #[allow(dead_code)]
-    protocol: u8,
+    pub hlen: usize,
+    pub protocol: u8,
     /// True for every fragment but the first (no L4 header in it).
-    #[allow(dead_code)]
-    later_fragment: bool,
+    pub later_fragment: bool,
 }
 
 /// Parses the IPv4 header after the Ethernet header: version 4, a header length of at least 20
@@ -230,8 +249,20 @@ fn from_pod(ctx: &mut TcContext) -> i32 {
     };
     count(src_id, metric::TX, len);
 
-    if let Some(dst) = unsafe { ENDPOINTS.get(&ip.daddr) } {
-        let dst = *dst;
+    let Ok(flow) = policy::parse_flow(ctx, &ip) else {
+        return drop_packet(src_id, drop_reason::MALFORMED, len);
+    };
+    let local_dst = unsafe { ENDPOINTS.get(&ip.daddr) }.copied();
+    let sides = Sides {
+        src: (src_id != NODE_METRICS_ID).then_some(src_id),
+        dst: local_dst.map(|d| d.endpoint_id),
+    };
+    let reason = policy::enforce(&flow, sides, false, cfg.policy_revision, cfg.event_flags);
+    if reason != 0 {
+        return drop_packet(policy::drop_owner(reason, sides), reason, len);
+    }
+
+    if let Some(dst) = local_dst {
         return deliver(ctx, &dst, src_id, false, len);
     }
     let Some(remote) = IPCACHE.get(&Key::new(32, ip.daddr)) else {
@@ -363,17 +394,39 @@ fn arp_from_pod(ctx: &mut TcContext, len: u64) -> i32 {
 // ---------------------------------------------------------------------------------------------
 // to_pod
 
+/// Packets the host stack sends to the pod (its own, and what it forwarded): counted, and
+/// checked against the pod's ingress policy (the source's identity from the ipcache: the node's
+/// own addresses are the host identity).
 #[classifier]
 pub fn berth_to_pod(ctx: TcContext) -> i32 {
     let len = ctx.len() as u64;
     if let Ok(ethertype) = ctx.load::<u16>(OFF_ETHERTYPE)
         && u16::from_be(ethertype) == ETH_P_IP
         && let Ok(ip) = parse_ipv4(&ctx)
-        && let Some(ep) = unsafe { ENDPOINTS.get(&ip.daddr) }
+        && let Some(ep) = unsafe { ENDPOINTS.get(&ip.daddr) }.copied()
     {
+        let Ok(flow) = policy::parse_flow(&ctx, &ip) else {
+            return drop_packet(ep.endpoint_id, drop_reason::MALFORMED, len);
+        };
+        if let Some(reason) = ingress_check(&flow, &ep) {
+            return drop_packet(ep.endpoint_id, reason, len);
+        }
         count(ep.endpoint_id, metric::RX, len);
     }
     TC_ACT_OK
+}
+
+/// The conntrack and ingress-policy step for a packet that arrives for local endpoint `dst`
+/// from outside the node's pods (another node, the host stack).
+#[inline(always)]
+fn ingress_check(flow: &Flow, dst: &EndpointInfo) -> Option<u32> {
+    let cfg = config();
+    let sides = Sides {
+        src: None,
+        dst: Some(dst.endpoint_id),
+    };
+    let reason = policy::enforce(flow, sides, false, cfg.policy_revision, cfg.event_flags);
+    (reason != 0).then_some(reason)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,13 +444,16 @@ fn from_outside(ctx: &mut TcContext) -> i32 {
     let Ok(ip) = parse_ipv4(ctx) else {
         return TC_ACT_OK;
     };
-    match unsafe { ENDPOINTS.get(&ip.daddr) } {
-        Some(dst) => {
-            let dst = *dst;
-            deliver(ctx, &dst, NODE_METRICS_ID, true, len)
-        }
-        None => TC_ACT_OK,
+    let Some(dst) = (unsafe { ENDPOINTS.get(&ip.daddr) }).copied() else {
+        return TC_ACT_OK;
+    };
+    let Ok(flow) = policy::parse_flow(ctx, &ip) else {
+        return drop_packet(dst.endpoint_id, drop_reason::MALFORMED, len);
+    };
+    if let Some(reason) = ingress_check(&flow, &dst) {
+        return drop_packet(dst.endpoint_id, reason, len);
     }
+    deliver(ctx, &dst, NODE_METRICS_ID, true, len)
 }
 
 #[classifier]
