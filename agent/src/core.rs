@@ -84,6 +84,8 @@ pub struct AgentCore {
     /// Called after the registry changed (an endpoint became ready or went away): the policy
     /// reconciler then joins the new endpoint to its pod's policy.
     endpoint_observer: Option<EndpointObserver>,
+    /// Set by the policy reconciler after each pass.
+    policy_status: Mutex<pb::PolicyStatus>,
     inner: Mutex<Inner>,
     persist: Mutex<Persist>,
     started: Instant,
@@ -206,6 +208,7 @@ impl AgentCore {
             remote_pod_cidrs: AtomicU32::new(0),
             link_deleter: None,
             endpoint_observer: None,
+            policy_status: Mutex::new(pb::PolicyStatus::default()),
             inner: Mutex::new(Inner {
                 state,
                 version,
@@ -234,6 +237,16 @@ impl AgentCore {
     pub fn with_endpoint_observer(mut self, observer: EndpointObserver) -> Self {
         self.endpoint_observer = Some(observer);
         self
+    }
+
+    /// Records what the policy reconciler has in force (shown by `status`).
+    pub fn set_policy_status(&self, status: pb::PolicyStatus) {
+        *self.policy_status.lock().unwrap() = status;
+    }
+
+    /// Records the newest model revision the policy reconciler has seen.
+    pub fn set_policy_seen_revision(&self, revision: u64) {
+        self.policy_status.lock().unwrap().seen_model_revision = revision;
     }
 
     fn endpoints_changed(&self) {
@@ -798,6 +811,10 @@ impl AgentCore {
                     .unwrap_or_default(),
                 pod_mtu: self.cfg.mtu,
                 remote_pod_cidrs: self.remote_pod_cidrs.load(Ordering::Relaxed),
+            }),
+            policy: Some({
+                let p = self.policy_status.lock().unwrap();
+                p.clone()
             }),
         }
     }

@@ -351,6 +351,7 @@ fn start_datapath(
         engine: PolicyEngine::new(&s.node_name),
         reconciler: PolicyReconciler::adopt(PolicyMapsEbpf::open(&s.pin_root)?)?,
         model_revision: None,
+        conntrack_max: ct_max,
     };
     let store = Store::new(&s.state_dir, s.fsync)?;
     if model.synced {
@@ -391,6 +392,7 @@ pub struct PolicyState {
     pub reconciler: PolicyReconciler<PolicyMapsEbpf>,
     /// The model revision the engine last compiled.
     model_revision: Option<u64>,
+    conntrack_max: u32,
 }
 
 impl PolicyState {
@@ -407,6 +409,33 @@ impl PolicyState {
         let hosts = host_addresses();
         self.reconciler
             .reconcile(self.engine.compiled(), model, endpoints, &hosts)
+    }
+
+    /// What is in force, for `status`.
+    pub fn status(&self) -> berth_proto::agent::PolicyStatus {
+        let c = self.engine.compiled();
+        let a = self.reconciler.applied();
+        let rev = self.model_revision.unwrap_or(0);
+        berth_proto::agent::PolicyStatus {
+            applied_model_revision: rev,
+            seen_model_revision: rev,
+            revision: self.reconciler.revision(),
+            policies: c
+                .endpoints
+                .values()
+                .flat_map(|e| e.ingress.policies.iter().chain(e.egress.policies.iter()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as u32,
+            rejected: c
+                .rejected
+                .iter()
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect(),
+            isolated_endpoints: a.states.values().filter(|s| s.flags != 0).count() as u32,
+            entries: a.policy.len() as u32,
+            identities: c.identities.len() as u32,
+            conntrack_max: self.conntrack_max,
+        }
     }
 }
 
@@ -444,6 +473,7 @@ async fn policy_loop(
         if !model.synced {
             continue;
         }
+        core.set_policy_seen_revision(model.revision);
         let core = core.clone();
         let policy = policy.clone();
         let started = Instant::now();
@@ -451,6 +481,10 @@ async fn policy_loop(
             let endpoints = core.local_endpoints();
             let mut p = policy.lock().unwrap();
             let w = p.apply(&model, &endpoints)?;
+            let mut st = p.status();
+            // A newer model may have arrived meanwhile: the loop comes round for it.
+            st.seen_model_revision = st.seen_model_revision.max(model.revision);
+            core.set_policy_status(st);
             Ok::<_, Error>((w, p.reconciler.revision(), model.revision))
         })
         .await;

@@ -325,7 +325,9 @@ impl Router {
             .ipcache
             .entries()?
             .into_iter()
-            .filter(|(_, e)| e.flags & IPCACHE_FLAG_REMOTE_PODS != 0)
+            // Routing owns the pod CIDRs; the `/32`s (pods, nodes, this host) are the policy
+            // reconciler's, whatever their flags.
+            .filter(|(net, e)| net.prefix_len() < 32 && e.flags & IPCACHE_FLAG_REMOTE_PODS != 0)
             .collect();
         let mut ch = Changes::default();
         for (cidr, remote) in desired {

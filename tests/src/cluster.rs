@@ -104,6 +104,16 @@ impl Cluster {
     }
 
     pub fn with_agent_args(mode: Mode, n: usize, extra: &[&str]) -> Cluster {
+        let prefix = unique_name("k");
+        let layout: Vec<(String, String, String)> = (0..n)
+            .map(|i| (format!("{prefix}-n{i}"), node_ip(i), pod_cidr(i)))
+            .collect();
+        Self::with_layout(mode, &layout, extra)
+    }
+
+    /// Nodes named, addressed and given pod CIDRs as `layout` says: `(name, ip, pod CIDR)`;
+    /// node addresses are on one /24.
+    pub fn with_layout(mode: Mode, layout: &[(String, String, String)], extra: &[&str]) -> Cluster {
         let net = NetNs::new("bnet");
         net.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
         net.exec_ok(&["ip", "link", "set", "br0", "up"]);
@@ -111,8 +121,6 @@ impl Cluster {
             .prefix("berth-manifests-")
             .tempdir()
             .expect("manifest dir");
-        let prefix = unique_name("k");
-        let names: Vec<String> = (0..n).map(|i| format!("{prefix}-n{i}")).collect();
         // Every Node object exists before any agent starts (as on a real cluster, where the
         // kubelet registers the node first).
         let mut cluster = Cluster {
@@ -121,12 +129,11 @@ impl Cluster {
             manifests,
             net,
         };
-        for (i, name) in names.iter().enumerate() {
-            cluster.write_node(name, &node_ip(i), &pod_cidr(i));
+        for (name, ip, cidr) in layout {
+            cluster.write_node(name, ip, cidr);
         }
-        for (i, name) in names.into_iter().enumerate() {
+        for (name, ip, cidr) in layout.iter().cloned() {
             let ns = NetNs::new("bk");
-            let ip = node_ip(i);
             plug_into_bridge(&cluster.net, &ns, &ip);
             let mut args: Vec<String> = vec![
                 "--manifests".into(),
@@ -141,7 +148,7 @@ impl Cluster {
                 node,
                 name,
                 ip,
-                pod_cidr: pod_cidr(i),
+                pod_cidr: cidr,
             });
         }
         cluster

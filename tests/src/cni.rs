@@ -256,15 +256,30 @@ impl Node {
 
     /// Runs verb `cmd` for `(cid, ifname)` in `netns` with the node's config.
     pub fn verb(&self, cmd: &str, cid: &str, netns: Option<&str>, ifname: &str) -> CniOut {
+        self.verb_with_args(
+            cmd,
+            cid,
+            netns,
+            ifname,
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test",
+        )
+    }
+
+    /// [`Node::verb`] with the given `CNI_ARGS`.
+    pub fn verb_with_args(
+        &self,
+        cmd: &str,
+        cid: &str,
+        netns: Option<&str>,
+        ifname: &str,
+        cni_args: &str,
+    ) -> CniOut {
         let mut env = vec![
             ("CNI_COMMAND", cmd),
             ("CNI_CONTAINERID", cid),
             ("CNI_IFNAME", ifname),
             ("CNI_PATH", "/opt/cni/bin"),
-            (
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test",
-            ),
+            ("CNI_ARGS", cni_args),
         ];
         if let Some(n) = netns {
             env.push(("CNI_NETNS", n));
@@ -274,11 +289,20 @@ impl Node {
 
     /// ADD for a pod; panics unless it succeeds; returns the pod's IPv4 address.
     pub fn add(&self, pod: &Pod) -> String {
-        let out = self.verb(
+        self.add_with_args(
+            pod,
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test",
+        )
+    }
+
+    /// [`Node::add`] with the given `CNI_ARGS` (pod identity, `IP=`).
+    pub fn add_with_args(&self, pod: &Pod, cni_args: &str) -> String {
+        let out = self.verb_with_args(
             "ADD",
             &pod.cid,
             Some(pod.ns.path().to_str().unwrap()),
             "eth0",
+            cni_args,
         );
         assert_eq!(
             out.code,

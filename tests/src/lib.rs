@@ -8,4 +8,5 @@ pub mod containerd;
 pub mod csi;
 pub mod netns;
 pub mod policy_ref;
+pub mod policy_scenarios;
 pub mod tunnel;

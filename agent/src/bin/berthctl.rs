@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
             let dp = s.datapath.clone().unwrap_or_default();
             let ipam = s.ipam.clone().unwrap_or_default();
             let rt = s.routing.clone().unwrap_or_default();
+            let pol = s.policy.clone().unwrap_or_default();
             let or_none = |v: &str| (!v.is_empty()).then(|| v.to_string());
             if cli.json {
                 println!(
@@ -75,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
                                     "nodeIp": or_none(&rt.node_ip), "podMtu": rt.pod_mtu,
                                     "remotePodCidrs": rt.remote_pod_cidrs},
                         "endpoints": s.endpoints, "deleteQueueDrained": s.delete_queue_drained,
+                        "policy": {"appliedModelRevision": pol.applied_model_revision,
+                                   "seenModelRevision": pol.seen_model_revision,
+                                   "revision": pol.revision, "policies": pol.policies,
+                                   "rejected": pol.rejected, "isolatedEndpoints": pol.isolated_endpoints,
+                                   "entries": pol.entries, "identities": pol.identities,
+                                   "conntrackMax": pol.conntrack_max},
                     })
                 );
             } else {
@@ -118,6 +125,20 @@ async fn main() -> anyhow::Result<()> {
                     rt.remote_pod_cidrs,
                     if rt.remote_pod_cidrs == 1 { "" } else { "s" }
                 );
+                println!(
+                    "policy     {} polic{} in force on {} isolated endpoint{}, {} map entries, {} identities, revision {}, conntrack {} entries",
+                    pol.policies,
+                    if pol.policies == 1 { "y" } else { "ies" },
+                    pol.isolated_endpoints,
+                    if pol.isolated_endpoints == 1 { "" } else { "s" },
+                    pol.entries,
+                    pol.identities,
+                    pol.revision,
+                    pol.conntrack_max
+                );
+                for r in &pol.rejected {
+                    println!("           REJECTED {r}");
+                }
                 println!(
                     "endpoints  {} (delete-queue entries applied: {})",
                     s.endpoints, s.delete_queue_drained
