@@ -356,7 +356,13 @@ fn start_datapath(
     let store = Store::new(&s.state_dir, s.fsync)?;
     if model.synced {
         let endpoints = crate::core::ready_endpoints(store.load()?.endpoints.values());
-        policy.apply(model, &endpoints)?;
+        let w = policy.apply(model, &endpoints)?;
+        tracing::info!(
+            writes = w.total(),
+            entries = policy.reconciler.applied().policy.len(),
+            revision = policy.reconciler.revision(),
+            "policy at start: the pinned maps' entries adopted, differences written"
+        );
     }
     let pin_root = s.pin_root.clone();
     let core = AgentCore::new(
@@ -375,6 +381,9 @@ fn start_datapath(
     });
     if let Some(n) = remotes {
         core.set_remote_pod_cidrs(n);
+    }
+    if model.synced {
+        core.set_policy_status(policy.status());
     }
     // Every filter now points at the current programs and maps.
     crate::datapath::retire_unused_pins(&pin_root)?;

@@ -28,6 +28,23 @@ enum Cmd {
     Status,
     /// Endpoints: container, pod, IP, interface, packets/bytes, drops.
     Endpoints,
+    /// Streams NetworkPolicy verdicts from the datapath as they happen: every denied packet, and
+    /// every new allowed connection when the agent runs with --monitor-allowed. Reads the
+    /// datapath's event ring buffer (needs root; one monitor at a time gets all events).
+    Monitor {
+        /// Only events where this pod (namespace/name) is an end.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only events where a pod of this namespace is an end.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only `denied` or only `allowed` verdicts.
+        #[arg(long, value_parser = ["denied", "allowed"])]
+        verdict: Option<String>,
+        /// Stop after this many events (default: run until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// This node's registration, lifecycle state and last lifecycle commands (from the state file
     /// the agent's tunnel writes).
     Node {
@@ -146,6 +163,19 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Node { .. } => unreachable!("handled before connecting"),
+        Cmd::Monitor {
+            pod,
+            namespace,
+            verdict,
+            count,
+        } => {
+            let filter = berth_agent::monitor::Filter {
+                pod,
+                namespace,
+                allowed: verdict.map(|v| v == "allowed"),
+            };
+            monitor(&mut client, cli.json, filter, count).await?;
+        }
         Cmd::Endpoints => {
             let eps = client
                 .list_endpoints(berth_proto::agent::ListEndpointsRequest {})
@@ -175,6 +205,81 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Names of this node's endpoints, from the agent.
+async fn names(
+    client: &mut berth_proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
+) -> anyhow::Result<berth_agent::monitor::Names> {
+    let eps = client
+        .list_endpoints(berth_proto::agent::ListEndpointsRequest {})
+        .await?
+        .into_inner()
+        .endpoints;
+    let mut n = berth_agent::monitor::Names::default();
+    for e in eps {
+        let p = e.pod.unwrap_or_default();
+        let name = format!("{}/{}", p.namespace, p.name);
+        if let Some(ip) = e.address.split('/').next().and_then(|a| a.parse().ok()) {
+            n.addresses.insert(ip, name.clone());
+        }
+        n.endpoints.insert(e.id, name);
+    }
+    Ok(n)
+}
+
+async fn monitor(
+    client: &mut berth_proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
+    json: bool,
+    filter: berth_agent::monitor::Filter,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let status = client
+        .status(berth_proto::agent::StatusRequest {})
+        .await?
+        .into_inner();
+    let pin_root = PathBuf::from(status.datapath.unwrap_or_default().pin_root);
+    let mut reader = berth_agent::monitor::EventReader::open(&pin_root)
+        .with_context(|| format!("open the event ring buffer under {}", pin_root.display()))?;
+    // SAFETY: the descriptor is a duplicate this function owns until the AsyncFd is dropped.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            reader.as_fd().try_clone_to_owned()?,
+            tokio::io::Interest::READABLE,
+        )
+    }?;
+    let mut names = names(client).await?;
+    let mut names_at = std::time::Instant::now();
+    let mut shown = 0u64;
+    if !json {
+        eprintln!(
+            "listening for policy verdicts on {} (Ctrl-C to stop)",
+            status.node_name
+        );
+    }
+    loop {
+        while let Some(ev) = reader.next() {
+            if names_at.elapsed() > std::time::Duration::from_secs(2) {
+                names = self::names(client).await?;
+                names_at = std::time::Instant::now();
+            }
+            let v = berth_agent::monitor::view(&ev, &names);
+            if !v.matches(&filter) {
+                continue;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}", v.line());
+            }
+            shown += 1;
+            if count.is_some_and(|c| shown >= c) {
+                return Ok(());
+            }
+        }
+        let mut guard = fd.readable().await?;
+        guard.clear_ready();
+    }
 }
 
 /// The `berthctl endpoints` table: every column as wide as its widest cell (the INTERFACE cell,
