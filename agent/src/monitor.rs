@@ -22,7 +22,7 @@ impl EventReader {
     }
 
     /// The next event, if one is waiting.
-    pub fn next(&mut self) -> Option<PolicyEvent> {
+    pub fn next_event(&mut self) -> Option<PolicyEvent> {
         let item = self.ring.next()?;
         decode(&item)
     }

@@ -679,7 +679,7 @@ impl Env {
     }
 
     /// Probes the given (source pod, destination pod, TCP port) cells with short timeouts.
-    fn tcp(&self, cells: &[((&str, &str), (&str, &str), u16)]) -> Vec<bool> {
+    fn tcp(&self, cells: &[TcpCell]) -> Vec<bool> {
         let cells: Vec<_> = cells
             .iter()
             .map(|(s, d, port)| {
@@ -694,6 +694,9 @@ impl Env {
         self.matrix(&cells, SHORT)
     }
 }
+
+/// (source pod, destination pod, TCP port), pods as (namespace, name).
+type TcpCell<'a> = ((&'a str, &'a str), (&'a str, &'a str), u16);
 
 /// Whether a stream has stopped: nothing more arrives over 2 s (after 1 s for what was in
 /// flight).

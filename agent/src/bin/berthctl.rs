@@ -258,7 +258,7 @@ async fn monitor(
         );
     }
     loop {
-        while let Some(ev) = reader.next() {
+        while let Some(ev) = reader.next_event() {
             if names_at.elapsed() > std::time::Duration::from_secs(2) {
                 names = self::names(client).await?;
                 names_at = std::time::Instant::now();

@@ -391,3 +391,122 @@ impl<M: PolicyMaps> PolicyReconciler<M> {
         &self.maps
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{
+        DirectionPolicy, EndpointPolicy, Entry, Origin, Peer, PortRange, Protocol,
+    };
+
+    fn compiled(isolated: bool) -> Compiled {
+        let mut ingress = DirectionPolicy::default();
+        if isolated {
+            ingress.isolated = true;
+            ingress.entries.insert(
+                Entry {
+                    peer: Peer::Identity(100),
+                    proto: Some(Protocol::Tcp),
+                    ports: PortRange::single(80),
+                },
+                [Origin::HostAccess].into_iter().collect(),
+            );
+        }
+        let mut c = Compiled {
+            node: "n1".into(),
+            ..Default::default()
+        };
+        c.endpoints.insert(
+            ("x".into(), "a".into()),
+            EndpointPolicy {
+                uid: "u1".into(),
+                ips: vec![],
+                identity: 200,
+                ingress,
+                egress: DirectionPolicy::default(),
+            },
+        );
+        c.ipcache.insert("10.2.2.5".parse().unwrap(), 100);
+        c
+    }
+
+    fn endpoint(uid: &str) -> LocalEndpoint {
+        LocalEndpoint {
+            id: 7,
+            namespace: "x".into(),
+            name: "a".into(),
+            uid: uid.into(),
+            address: "10.2.1.10".parse().unwrap(),
+        }
+    }
+
+    fn pos(log: &[String], prefix: &str) -> usize {
+        log.iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {log:?}"))
+    }
+
+    #[test]
+    fn writes_by_difference_in_a_gap_free_order_and_adopts() {
+        let model = ClusterModel::default();
+        let host = ["192.168.50.1".parse().unwrap()];
+        let mut r = PolicyReconciler::adopt(MemoryMaps::default()).unwrap();
+        let w = r
+            .reconcile(&compiled(true), &model, &[endpoint("u1")], &host)
+            .unwrap();
+        assert_eq!(w.policy_added, 1);
+        assert_eq!(w.states_written, 1);
+        // The peer, the endpoint's own address (identity 200) and the host.
+        assert_eq!(w.ipcache_written, 3);
+        let log = r.maps().log.clone();
+        assert!(pos(&log, "put policy") < pos(&log, "put state ep7 flags 1"));
+        assert_eq!(log.last().unwrap(), "revision 1");
+        assert_eq!(
+            r.maps().applied.hosts[&"10.2.1.10".parse().unwrap()].identity,
+            200
+        );
+        assert_eq!(
+            r.maps().applied.hosts[&"192.168.50.1".parse().unwrap()].identity,
+            identity::HOST
+        );
+
+        // Nothing changed: nothing written, the revision stays.
+        let w = r
+            .reconcile(&compiled(true), &model, &[endpoint("u1")], &host)
+            .unwrap();
+        assert_eq!(w.total(), 0);
+        assert_eq!(r.revision(), 1);
+
+        // A restarted agent adopts what the maps hold and writes nothing.
+        let mut again = PolicyReconciler::adopt(r.maps().clone()).unwrap();
+        let w = again
+            .reconcile(&compiled(true), &model, &[endpoint("u1")], &host)
+            .unwrap();
+        assert_eq!(w.total(), 0);
+        assert_eq!(again.revision(), 1);
+
+        // Isolation goes: switched off before its entries are removed.
+        let before = r.maps().log.len();
+        let w = r
+            .reconcile(&compiled(false), &model, &[endpoint("u1")], &host)
+            .unwrap();
+        assert_eq!((w.policy_removed, w.states_written), (1, 1));
+        let log = r.maps().log[before..].to_vec();
+        assert!(pos(&log, "put state ep7 flags 0") < pos(&log, "del policy"));
+        assert_eq!(r.revision(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_of_another_incarnation_of_the_pod_is_not_joined() {
+        let mut r = PolicyReconciler::adopt(MemoryMaps::default()).unwrap();
+        r.reconcile(
+            &compiled(true),
+            &ClusterModel::default(),
+            &[endpoint("u-old")],
+            &[],
+        )
+        .unwrap();
+        assert!(r.maps().applied.states.is_empty());
+        assert!(r.maps().applied.policy.is_empty());
+    }
+}
