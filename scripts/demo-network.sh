@@ -275,6 +275,57 @@ if [[ $MODE == vxlan ]]; then
     "   berth_vxlan on node-a: TX \(.tx.packets) packets / \(.tx.bytes) bytes, RX \(.rx.packets) packets (encapsulated on eth0, UDP 8472)"'
 fi
 
+say "NetworkPolicy in eBPF: only api may reach db"
+write_pod() {
+  local name=$1
+  cat >"$MANIFESTS/.pod-$name.tmp" <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name, namespace: default, labels: {app: $name}}
+spec: {nodeName: ${NODES[${POD_NODE[$name]}]}, containers: [{name: c, image: demo}]}
+status: {phase: Running, podIP: ${POD_IP[$name]}, podIPs: [{ip: ${POD_IP[$name]}}]}
+EOF
+  mv "$MANIFESTS/.pod-$name.tmp" "$MANIFESTS/pod-$name.yaml"
+}
+for p in web cache api db; do write_pod "$p"; done
+cat >"$MANIFESTS/.policy.tmp" <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-api, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}]}]
+EOF
+mv "$MANIFESTS/.policy.tmp" "$MANIFESTS/policy-db-from-api.yaml"
+sed 's/^/      /' "$MANIFESTS/policy-db-from-api.yaml"
+for _ in $(seq 1 100); do
+  [[ $(ctl 2 --json status | jq '.policy.isolatedEndpoints') -ge 1 ]] && break
+  sleep 0.1
+done
+ctl 2 status | grep '^policy' | sed 's/^/   /'
+MONITOR_OUT="$WORK/monitor.txt"
+in_node 2 "$BIN/berthctl" --socket "${SOCK[2]}" monitor --verdict denied --pod default/db --count 1 \
+  >"$MONITOR_OUT" 2>/dev/null &
+MON=$!
+BG+=("$MON")
+sleep 0.3
+if in_pod api ping -c 2 -i 0.2 -W 1 "${POD_IP[db]}" >/dev/null 2>&1; then
+  echo "   api → db: allowed (replies pass through conntrack)"
+else
+  echo "   api → db: FAILED (should be allowed)"; exit 1
+fi
+if in_pod web ping -c 2 -i 0.2 -W 1 "${POD_IP[db]}" >/dev/null 2>&1; then
+  echo "   web → db: NOT refused (the policy should deny it)"; exit 1
+else
+  echo "   web → db: refused by db's ingress policy, dropped in eBPF on ${NODES[2]}"
+fi
+for _ in $(seq 1 30); do kill -0 "$MON" 2>/dev/null || break; sleep 0.1; done
+note "berthctl monitor --verdict denied --pod default/db on ${NODES[2]}:"
+sed 's/^/      /' "$MONITOR_OUT"
+grep -q DENIED "$MONITOR_OUT" || { echo "   monitor showed no drop"; exit 1; }
+rm "$MANIFESTS/policy-db-from-api.yaml"
+note "policy removed: web → db again $(ping_until web db 5 && echo reachable || echo UNREACHABLE)"
+
 say "${NODES[2]} leaves: its Node object is removed from the manifest directory"
 ping_until web db 5
 rm "$MANIFESTS/${NODES[2]}.yaml"

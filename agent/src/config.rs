@@ -20,6 +20,10 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/berth";
 /// The node's slice of the MKS pod range 10.2.0.0/16 (REFERENCE §6).
 pub const DEFAULT_POD_CIDR: &str = "10.2.0.0/24";
 
+/// Where `/metrics` and `/healthz` listen by default (Cilium's agent uses port 9962 too; only
+/// this node can reach it).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9962";
+
 /// Datapath and local API flags of `berth-agent`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AgentArgs {
@@ -77,6 +81,10 @@ pub struct AgentArgs {
     /// monitor` shows them); denied packets are always reported.
     #[arg(long, env = "BERTH_MONITOR_ALLOWED")]
     pub monitor_allowed: bool,
+    /// Address of the Prometheus `/metrics` and `/healthz` endpoint; `none` turns it off. It
+    /// listens beyond loopback only when given such an address. [default: 127.0.0.1:9962]
+    #[arg(long, env = "BERTH_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Do not fsync the state file after each change (faster, not power-loss safe).
     #[arg(long)]
     pub no_fsync: bool,
@@ -103,6 +111,7 @@ struct FileConfig {
     tc_attach: Option<TcAttach>,
     conntrack_max: Option<u32>,
     monitor_allowed: Option<bool>,
+    metrics_addr: Option<String>,
 }
 
 /// Resolved settings.
@@ -126,6 +135,8 @@ pub struct Settings {
     /// `None`: sized from the node's memory.
     pub conntrack_max: Option<u32>,
     pub monitor_allowed: bool,
+    /// `None`: no metrics endpoint.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentArgs {
@@ -197,6 +208,20 @@ impl AgentArgs {
                 other => other,
             },
             monitor_allowed: self.monitor_allowed || file.monitor_allowed.unwrap_or(false),
+            metrics_addr: match self
+                .metrics_addr
+                .clone()
+                .or(file.metrics_addr)
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_ADDR)
+            {
+                "none" | "" => None,
+                a => Some(a.parse().map_err(|_| {
+                    Error::Config(format!(
+                        "metrics-addr {a:?} is not an address:port (or none)"
+                    ))
+                })?),
+            },
         })
     }
 }

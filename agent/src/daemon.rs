@@ -225,6 +225,14 @@ pub async fn run(opts: Options) -> Result<()> {
         opts.allocation_lease,
     ));
 
+    if let Some(addr) = s.metrics_addr {
+        let (core, pins) = (core.clone(), s.pin_root.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, core, pins).await {
+                tracing::warn!(error = %e, "no /metrics endpoint");
+            }
+        });
+    }
     let listener = server::bind(&s.socket).await?;
     tracing::info!(socket = %s.socket.display(), "serving local API");
 
@@ -352,6 +360,7 @@ fn start_datapath(
         reconciler: PolicyReconciler::adopt(PolicyMapsEbpf::open(&s.pin_root)?)?,
         model_revision: None,
         conntrack_max: ct_max,
+        last_apply_seconds: 0.0,
     };
     let store = Store::new(&s.state_dir, s.fsync)?;
     if model.synced {
@@ -402,6 +411,7 @@ pub struct PolicyState {
     /// The model revision the engine last compiled.
     model_revision: Option<u64>,
     conntrack_max: u32,
+    last_apply_seconds: f64,
 }
 
 impl PolicyState {
@@ -444,6 +454,7 @@ impl PolicyState {
             entries: a.policy.len() as u32,
             identities: c.identities.len() as u32,
             conntrack_max: self.conntrack_max,
+            last_apply_seconds: self.last_apply_seconds,
         }
     }
 }
@@ -493,6 +504,12 @@ async fn policy_loop(
             let mut st = p.status();
             // A newer model may have arrived meanwhile: the loop comes round for it.
             st.seen_model_revision = st.seen_model_revision.max(model.revision);
+            if w.total() > 0 {
+                st.last_apply_seconds = started.elapsed().as_secs_f64();
+                p.last_apply_seconds = st.last_apply_seconds;
+            } else {
+                st.last_apply_seconds = p.last_apply_seconds;
+            }
             core.set_policy_status(st);
             Ok::<_, Error>((w, p.reconciler.revision(), model.revision))
         })

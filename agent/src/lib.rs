@@ -18,6 +18,7 @@ pub mod error;
 pub mod ipam;
 pub mod links;
 pub mod lock;
+pub mod metrics;
 pub mod monitor;
 pub mod node;
 pub mod policy;

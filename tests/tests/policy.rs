@@ -854,4 +854,37 @@ fn monitor_shows_the_drop() {
     assert_eq!(v["source"], env.pod("x", "a").ip.to_string(), "{v}");
     assert_eq!(v["protocol"], "TCP", "{v}");
     assert_eq!(v["destinationPort"], 80, "{v}");
+    // The drop is counted on the node's /metrics, by reason and direction.
+    let text = spawn_in(&node.ns, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9962").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap();
+    let dropped = text
+        .lines()
+        .find(|l| {
+            l.starts_with("berth_dropped_packets_total{")
+                && l.contains("reason=\"policy-denied-ingress\"")
+                && l.contains("direction=\"ingress\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no policy drop counter in:\n{text}"));
+    assert!(dropped >= 1, "{text}");
+    for name in [
+        "berth_conntrack_entries",
+        "berth_policy_entries",
+        "berth_policy_identities",
+        "berth_endpoints",
+        "berth_forwarded_packets_total",
+        "berth_policy_reconcile_duration_seconds",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
 }
