@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
                     if rt.remote_pod_cidrs == 1 { "" } else { "s" }
                 );
                 println!(
-                    "policy     {} polic{} in force on {} isolated endpoint{}, {} map entries, {} identities, revision {}, conntrack {} entries",
+                    "policy     {} polic{} in force on {} isolated endpoint{}, {} map entries, {} identities, revision {}, conntrack table of {} entries",
                     pol.policies,
                     if pol.policies == 1 { "y" } else { "ies" },
                     pol.isolated_endpoints,
