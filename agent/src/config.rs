@@ -19,6 +19,8 @@ pub const DEFAULT_CNI_STATE_DIR: &str = "/run/berth/cni";
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/berth";
 /// The node's slice of the MKS pod range 10.2.0.0/16 (REFERENCE §6).
 pub const DEFAULT_POD_CIDR: &str = "10.2.0.0/24";
+/// Where the container image keeps the conflist that `--install-cni-conf` installs.
+pub const DEFAULT_CNI_CONF_SOURCE: &str = "/usr/share/berth/05-berth.conflist";
 
 /// Where `/metrics` and `/healthz` listen by default (Cilium's agent uses port 9962 too; only
 /// this node can reach it).
@@ -91,6 +93,15 @@ pub struct AgentArgs {
     /// Do not enable IPv4 forwarding (pods then reach only this host).
     #[arg(long)]
     pub no_ip_forward: bool,
+    /// Once the agent serves, install the CNI configuration (--cni-conf-source) at this path,
+    /// atomically: runtimes then see the node's network as ready only when ADD can work (the
+    /// DaemonSet's way; a package ships the file itself). [default: off]
+    #[arg(long, env = "BERTH_INSTALL_CNI_CONF")]
+    pub install_cni_conf: Option<PathBuf>,
+    /// The CNI configuration that --install-cni-conf installs (checked first: it must chain the
+    /// `berth` plugin and name this agent's socket).
+    #[arg(long, env = "BERTH_CNI_CONF_SOURCE", default_value = DEFAULT_CNI_CONF_SOURCE)]
+    pub cni_conf_source: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +148,8 @@ pub struct Settings {
     pub monitor_allowed: bool,
     /// `None`: no metrics endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// (source, target) of the CNI configuration installed once the agent serves.
+    pub install_cni_conf: Option<(PathBuf, PathBuf)>,
 }
 
 impl AgentArgs {
@@ -222,6 +235,14 @@ impl AgentArgs {
                     ))
                 })?),
             },
+            install_cni_conf: self.install_cni_conf.clone().map(|dest| {
+                let src = if self.cni_conf_source.as_os_str().is_empty() {
+                    DEFAULT_CNI_CONF_SOURCE.into()
+                } else {
+                    self.cni_conf_source.clone()
+                };
+                (src, dest)
+            }),
         })
     }
 }
@@ -297,5 +318,10 @@ mod tests {
         assert_eq!(s.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
         assert!(s.fsync && s.ip_forward);
         assert_eq!(s.tc_attach, TcAttach::Netlink);
+        assert_eq!(
+            s.metrics_addr,
+            Some("127.0.0.1:9962".parse().unwrap()),
+            "the packaged agent serves /healthz on localhost"
+        );
     }
 }

@@ -34,6 +34,7 @@ use ipnet::Ipv4Net;
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -119,7 +120,9 @@ pub async fn run(opts: Options) -> Result<()> {
     tracing::info!(lock = %lock.path().display(), "state directory locked");
 
     if s.ip_forward {
-        enable_ip_forward();
+        crate::host::log_forwarding(&crate::host::ensure_ip_forward(Path::new(
+            crate::host::IP_FORWARD,
+        )));
     }
 
     let mut models = cluster::start(&opts.source, &s.node_name).await?;
@@ -235,6 +238,11 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let listener = server::bind(&s.socket).await?;
     tracing::info!(socket = %s.socket.display(), "serving local API");
+    // Serving: the runtime may now see the CNI configuration.
+    if let Some((src, dest)) = &s.install_cni_conf {
+        let changed = crate::host::install_cni_conf(src, dest, &s.socket)?;
+        tracing::info!(from = %src.display(), to = %dest.display(), changed, "CNI configuration installed");
+    }
 
     // The tunnel runs beside the local API when a server is given.
     let (tunnel_tx, tunnel_rx) = tunnel::shutdown_channel();
@@ -281,23 +289,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let _ = std::fs::remove_file(&s.socket);
     drop(lock);
     Ok(())
-}
-
-/// Forwarding must be on for pods to reach beyond this host (and for the FIB lookups of native
-/// routing). Some environments mount /proc/sys read-only (a kubelet-run container): then the
-/// current value decides whether that is a problem.
-fn enable_ip_forward() {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    if let Err(e) = std::fs::write(PATH, "1") {
-        match std::fs::read_to_string(PATH) {
-            Ok(v) if v.trim() == "1" => {}
-            _ => tracing::warn!(
-                error = %e,
-                "cannot enable IPv4 forwarding and it is off: pods will reach only this host \
-                 (set net.ipv4.ip_forward=1 on the node)"
-            ),
-        }
-    }
 }
 
 struct Started {

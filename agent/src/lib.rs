@@ -9,12 +9,14 @@
 //! - [`tunnel`] and [`node`]: the Konnectivity-compatible tunnel client, node registration,
 //!   heartbeats and lifecycle commands.
 //! - [`config`]: settings from flags, environment and `/etc/berth/agent.toml`.
+//! - [`host`]: IPv4 forwarding and the CNI configuration installed once the agent serves.
 pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod datapath;
 pub mod error;
+pub mod host;
 pub mod ipam;
 pub mod links;
 pub mod lock;
