@@ -11,6 +11,8 @@ APT_PACKAGES=(
   bpftool busybox-static hyperfine jq util-linux protobuf-compiler procps
   python3-venv iputils-ping tar gzip libprotobuf-dev
   iptables openssl curl
+  # packaging (issue 12): .debs, lintian, a bookworm root booted by nspawn, OCI images, man pages
+  debootstrap lintian debhelper dpkg-dev binutils systemd-container buildah help2man
 )
 
 need_apt=()
@@ -81,5 +83,12 @@ else
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check openstacksdk
+fi
+# kubernetes-validate: the manifests against the Kubernetes OpenAPI schemas (tests/tests/manifests.rs).
+if [[ -x "$VENV/bin/kubernetes-validate" ]]; then
+  log "kubernetes-validate present"
+else
+  log "installing kubernetes-validate into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate
 fi
 log "done"

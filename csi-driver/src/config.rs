@@ -130,7 +130,7 @@ impl Credentials {
             region_name: Option<String>,
         }
         let doc: Doc =
-            serde_yaml::from_str(text).map_err(|e| Error::Config(format!("clouds.yaml: {e}")))?;
+            serde_saphyr::from_str(text).map_err(|e| Error::Config(format!("clouds.yaml: {e}")))?;
         let c = doc
             .clouds
             .get(cloud)

@@ -112,6 +112,32 @@ struct State {
     watch_requests: BTreeMap<&'static str, u64>,
     gone_as_http: bool,
     uid_seq: u64,
+    /// Every (verb, API group, resource) asked for, allowed or not.
+    requests: std::collections::BTreeSet<Access>,
+    /// When set, requests outside these rules get 403 Forbidden, as with RBAC.
+    rbac: Option<Vec<RbacRule>>,
+}
+
+/// One resource request as RBAC sees it: (verb: get|list|watch, API group ("" for core),
+/// resource plural).
+pub type Access = (String, String, String);
+
+/// A ClusterRole rule (`apiGroups`, `resources`, `verbs`; `*` matches anything).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RbacRule {
+    #[serde(default)]
+    pub api_groups: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+    pub verbs: Vec<String>,
+}
+
+impl RbacRule {
+    pub fn allows(&self, (verb, group, resource): &Access) -> bool {
+        let has = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
+        has(&self.verbs, verb) && has(&self.api_groups, group) && has(&self.resources, resource)
+    }
 }
 
 struct Serving {
@@ -139,6 +165,8 @@ impl ApiServer {
             watch_requests: BTreeMap::new(),
             gone_as_http: false,
             uid_seq: 0,
+            requests: Default::default(),
+            rbac: None,
         }));
         let listener = bind("127.0.0.1:0".parse().unwrap()).await;
         let addr = listener.local_addr().unwrap();
@@ -337,6 +365,17 @@ impl ApiServer {
         let mut st = self.state.lock().unwrap();
         st.watches.retain(|w| !w.tx.is_closed());
         st.watches.iter().filter(|w| w.plural == plural).count()
+    }
+
+    /// Enforces `rules` from now on: a request they do not allow gets 403 Forbidden (the real
+    /// server's RBAC answer), and is still recorded in [`ApiServer::requests`].
+    pub fn enforce_rbac(&self, rules: Vec<RbacRule>) {
+        self.state.lock().unwrap().rbac = Some(rules);
+    }
+
+    /// Every resource request so far, as (verb, API group, resource).
+    pub fn requests(&self) -> Vec<Access> {
+        self.state.lock().unwrap().requests.iter().cloned().collect()
     }
 
     /// Stops listening and drops every connection (open watches break mid-stream). The state
@@ -671,6 +710,29 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
             "not a namespaced resource",
         );
     }
+    let watch = matches!(params.get("watch").map(String::as_str), Some("1" | "true"));
+    {
+        let verb = match (name.is_some(), watch) {
+            (true, _) => "get",
+            (false, true) => "watch",
+            (false, false) => "list",
+        };
+        let group = group_version.rsplit_once('/').map_or("", |(g, _)| g);
+        let access: Access = (verb.into(), group.into(), plural.into());
+        let mut st = state.lock().unwrap();
+        st.requests.insert(access.clone());
+        if st
+            .rbac
+            .as_ref()
+            .is_some_and(|rules| !rules.iter().any(|r| r.allows(&access)))
+        {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!("{plural} is forbidden: cannot {verb} resource \"{plural}\" in API group \"{group}\""),
+            );
+        }
+    }
     if let Some(name) = name {
         let st = state.lock().unwrap();
         let key = (
@@ -698,7 +760,6 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
         namespace.is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
             && selector.matches(o)
     };
-    let watch = matches!(params.get("watch").map(String::as_str), Some("1" | "true"));
     let mut st = state.lock().unwrap();
     if !watch {
         *st.lists.entry(plural).or_default() += 1;
