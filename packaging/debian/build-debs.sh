@@ -68,7 +68,13 @@ rm -rf "$stage"
 mkdir -p "$src/bin" "$src/etc" "$out"
 cp -r packaging/debian "$src/debian"
 rm -f "$src/debian/build-debs.sh"
-for b in "${bins[@]}"; do cp "$bindir/$b" "$src/bin/"; done
+trap 'rm -rf "$stage"' EXIT
+for b in "${bins[@]}"; do
+  cp "$bindir/$b" "$src/bin/"
+  # Unoptimised builds carry hundreds of MB of DWARF: compressed, they stay a fraction of it on
+  # disk (dh_strip moves compressed sections to the -dbgsym package as they are).
+  if [[ "$profile" == dev ]]; then objcopy --compress-debug-sections=zlib "$src/bin/$b"; fi
+done
 cp packaging/etc/agent.toml packaging/cni/05-berth.conflist packaging/sysctl/60-berth.conf \
   packaging/csi/cloud.conf.example "$src/etc/"
 cp packaging/systemd/berth-agent.service "$src/debian/berth-agent.service"
@@ -98,5 +104,4 @@ for f in "$stage"/*.deb "$stage"/*.ddeb "$stage"/*.changes "$stage"/*.buildinfo;
   mv -f "$f" "$out/"
   files+=("$out/$(basename "$f")")
 done
-rm -rf "$stage"
 printf '%s\n' "${files[@]}"

@@ -127,8 +127,22 @@ impl Machine {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let out = m.exec(&["systemctl", "is-system-running", "--wait"]);
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // systemctl answers only once systemd's private socket exists: ask until it does.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let state = loop {
+            let out = m.exec(&["systemctl", "is-system-running", "--wait"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !state.is_empty() && state != "starting" && state != "initializing" {
+                break state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the machine did not finish booting: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
         assert!(
             state == "running",
             "the machine booted {state:?}; failed units:\n{}",

@@ -172,9 +172,11 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
     assert_eq!(field("NoNewPrivs:"), "1");
     assert_eq!(m.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
     assert!(m.journal().contains("IPv4 forwarding is on"), "{}", m.journal());
-    let health = m.sh(
+    let health = m.exec_ok(&[
+        "bash",
+        "-c",
         "exec 3<>/dev/tcp/127.0.0.1/9878; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
-    );
+    ]);
     assert!(health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"), "{health}");
 
     // Pods through the packaged plugin and conflist, served by the packaged agent.
@@ -198,7 +200,7 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{security}"));
     println!("systemd-analyze security: berth-agent.service exposure {exposure}");
-    assert!(exposure <= 2.5, "exposure {exposure} (README promises 2.5 or better):\n{security}");
+    assert!(exposure <= 2.0, "exposure {exposure} (README promises 2.0 or better):\n{security}");
 
     // The admin edits both conffiles; a newer build is installed over them.
     m.sh("echo '# admin: keep me' >> /etc/berth/agent.toml");
