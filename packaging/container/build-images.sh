@@ -70,7 +70,7 @@ if [[ -z "$only" || "$only" == agent ]]; then
   done
   # The shared libraries the binaries need, from this build system (the ones they were linked to).
   while read -r lib; do
-    install -D -m 0644 "$(readlink -f "$lib")" "$base$lib"
+    install -D -m "$(stat -L -c %a "$lib")" "$(readlink -f "$lib")" "$base$lib"
   done < <(ldd "$ctx"/berth-agent "$ctx"/berthctl "$ctx"/berth |
              awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u)
   for pkg in libc6 libgcc-s1; do

@@ -375,7 +375,13 @@ impl ApiServer {
 
     /// Every resource request so far, as (verb, API group, resource).
     pub fn requests(&self) -> Vec<Access> {
-        self.state.lock().unwrap().requests.iter().cloned().collect()
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Stops listening and drops every connection (open watches break mid-stream). The state
@@ -729,7 +735,9 @@ fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
             return status(
                 StatusCode::FORBIDDEN,
                 "Forbidden",
-                &format!("{plural} is forbidden: cannot {verb} resource \"{plural}\" in API group \"{group}\""),
+                &format!(
+                    "{plural} is forbidden: cannot {verb} resource \"{plural}\" in API group \"{group}\""
+                ),
             );
         }
     }

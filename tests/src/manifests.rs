@@ -9,7 +9,10 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["1.30.0", "1.31.0", "1.32.0", "1.33.0"
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
 }
 
 /// Every Kubernetes manifest Berth ships (kustomization.yaml is kustomize's, not the API's).
@@ -55,18 +58,57 @@ fn is_dns_label(s: &str) -> bool {
 
 /// Capabilities as the runtime knows them (names without `CAP_`, which the runtime adds).
 const CAPABILITIES: &[&str] = &[
-    "ALL", "AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPEND", "BPF",
-    "CHECKPOINT_RESTORE", "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID",
-    "IPC_LOCK", "IPC_OWNER", "KILL", "LEASE", "LINUX_IMMUTABLE", "MAC_ADMIN", "MAC_OVERRIDE",
-    "MKNOD", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "PERFMON", "SETFCAP",
-    "SETGID", "SETPCAP", "SETUID", "SYSLOG", "SYS_ADMIN", "SYS_BOOT", "SYS_CHROOT", "SYS_MODULE",
-    "SYS_NICE", "SYS_PACCT", "SYS_PTRACE", "SYS_RAWIO", "SYS_RESOURCE", "SYS_TIME",
-    "SYS_TTY_CONFIG", "WAKE_ALARM",
+    "ALL",
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYSLOG",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "WAKE_ALARM",
 ];
 
 fn strs(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -81,12 +123,17 @@ pub fn pod_template_errors(workload: &Value) -> Vec<String> {
     let spec = &workload["spec"];
     let tmpl = &spec["template"];
     // The selector must select the template's labels.
-    let labels = tmpl["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+    let labels = tmpl["metadata"]["labels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     match spec["selector"]["matchLabels"].as_object() {
         Some(sel) if !sel.is_empty() => {
             for (k, v) in sel {
                 if labels.get(k) != Some(v) {
-                    err(format!("selector {k}={v} does not match the template's labels"));
+                    err(format!(
+                        "selector {k}={v} does not match the template's labels"
+                    ));
                 }
             }
         }
@@ -107,7 +154,11 @@ pub fn pod_template_errors(workload: &Value) -> Vec<String> {
     let host_network = pod["hostNetwork"] == true;
     let volumes: Vec<String> = pod["volumes"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v["name"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let mut seen_vol = std::collections::BTreeSet::new();
     for v in pod["volumes"].as_array().into_iter().flatten() {
@@ -116,10 +167,21 @@ pub fn pod_template_errors(workload: &Value) -> Vec<String> {
             err(format!("volume name {vn:?} invalid or repeated"));
         }
         if let Some(t) = v["hostPath"]["type"].as_str()
-            && !["", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket",
-                 "CharDevice", "BlockDevice"].contains(&t)
+            && ![
+                "",
+                "DirectoryOrCreate",
+                "Directory",
+                "FileOrCreate",
+                "File",
+                "Socket",
+                "CharDevice",
+                "BlockDevice",
+            ]
+            .contains(&t)
         {
-            err(format!("volume {vn}: hostPath type {t:?} is not one of the allowed values"));
+            err(format!(
+                "volume {vn}: hostPath type {t:?} is not one of the allowed values"
+            ));
         }
     }
     let mut names = std::collections::BTreeSet::new();
@@ -158,12 +220,18 @@ pub fn pod_template_errors(workload: &Value) -> Vec<String> {
                 .collect();
             for p in c["ports"].as_array().into_iter().flatten() {
                 if let Some(n) = p["name"].as_str()
-                    && (n.len() > 15 || !n.bytes().any(|b| b.is_ascii_alphabetic()) || !is_dns_label(n))
+                    && (n.len() > 15
+                        || !n.bytes().any(|b| b.is_ascii_alphabetic())
+                        || !is_dns_label(n))
                 {
-                    err(format!("{cat}: port name {n:?} is not an IANA service name"));
+                    err(format!(
+                        "{cat}: port name {n:?} is not an IANA service name"
+                    ));
                 }
                 if host_network && !p["hostPort"].is_null() && p["hostPort"] != p["containerPort"] {
-                    err(format!("{cat}: with hostNetwork hostPort must equal containerPort"));
+                    err(format!(
+                        "{cat}: with hostNetwork hostPort must equal containerPort"
+                    ));
                 }
             }
             for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
@@ -172,13 +240,17 @@ pub fn pod_template_errors(workload: &Value) -> Vec<String> {
                     continue;
                 }
                 if is_init && c["restartPolicy"] != "Always" {
-                    err(format!("{cat}: {probe} is not allowed in an init container"));
+                    err(format!(
+                        "{cat}: {probe} is not allowed in an init container"
+                    ));
                 }
                 for handler in ["httpGet", "tcpSocket", "grpc"] {
                     if let Some(port) = pr[handler]["port"].as_str()
                         && !port_names.iter().any(|n| n == port)
                     {
-                        err(format!("{cat}: {probe} names port {port:?}, which the container does not declare"));
+                        err(format!(
+                            "{cat}: {probe} names port {port:?}, which the container does not declare"
+                        ));
                     }
                 }
             }
@@ -204,9 +276,15 @@ pub fn pod_template_errors(workload: &Value) -> Vec<String> {
             for e in c["env"].as_array().into_iter().flatten() {
                 if let Some(fp) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str()
                     && ![
-                        "metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
-                        "spec.serviceAccountName", "status.hostIP", "status.hostIPs",
-                        "status.podIP", "status.podIPs",
+                        "metadata.name",
+                        "metadata.namespace",
+                        "metadata.uid",
+                        "spec.nodeName",
+                        "spec.serviceAccountName",
+                        "status.hostIP",
+                        "status.hostIPs",
+                        "status.podIP",
+                        "status.podIPs",
                     ]
                     .contains(&fp)
                     && !fp.starts_with("metadata.labels[")

@@ -10,7 +10,10 @@ use std::{
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
 }
 
 /// The cargo profile the running test was built with (its binaries are next to it).
@@ -83,7 +86,13 @@ impl Machine {
         let bpffs = dir.path().join("bpffs");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&bpffs).unwrap();
-        run_ok(Command::new("tar").arg("-C").arg(&root).arg("-xf").arg(root_tar));
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&root)
+                .arg("-xf")
+                .arg(root_tar),
+        );
         // A bpffs of its own: each mount of bpf is a new instance, so pins stay in the test.
         run_ok(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs));
         let log = std::fs::File::create(dir.path().join("nspawn.log")).unwrap();
@@ -91,8 +100,17 @@ impl Machine {
             // No host systemd here: no machine registration, no scope; nspawn's seccomp filter
             // would refuse bpf(2), which the agent needs.
             .env("SYSTEMD_SECCOMP", "0")
-            .args(["--quiet", "--register=no", "--keep-unit", "--boot", "--private-network"])
-            .args(["--console=pipe", "--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN"])
+            .args([
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--boot",
+                "--private-network",
+            ])
+            .args([
+                "--console=pipe",
+                "--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
+            ])
             .arg(format!("--machine=berth{}", std::process::id()))
             .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
             .arg("-D")
@@ -146,9 +164,7 @@ impl Machine {
         assert!(
             state == "running",
             "the machine booted {state:?}; failed units:\n{}",
-            String::from_utf8_lossy(
-                &m.exec(&["systemctl", "--failed", "--no-pager"]).stdout
-            )
+            String::from_utf8_lossy(&m.exec(&["systemctl", "--failed", "--no-pager"]).stdout)
         );
         m
     }
@@ -201,7 +217,12 @@ impl Machine {
     /// The agent unit's journal (for failure messages).
     pub fn journal(&self) -> String {
         let out = self.exec(&[
-            "journalctl", "--no-pager", "-n", "60", "-u", "berth-agent.service",
+            "journalctl",
+            "--no-pager",
+            "-n",
+            "60",
+            "-u",
+            "berth-agent.service",
         ]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

@@ -34,8 +34,20 @@ const POD_CIDR: &str = "10.2.77.0/24";
 
 /// containerd's default capability set (what `ctr run` starts from): dropping ALL means these.
 const RUNTIME_DEFAULT_CAPS: &[&str] = &[
-    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
-    "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
 ];
 
 fn cap_bit(name: &str) -> u32 {
@@ -47,10 +59,19 @@ fn cap_bit(name: &str) -> u32 {
     }
 }
 
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool, diag: impl Fn() -> String) {
+fn wait_until(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> bool,
+    diag: impl Fn() -> String,
+) {
     let deadline = Instant::now() + within;
     while !f() {
-        assert!(Instant::now() < deadline, "{what} not within {within:?}\n{}", diag());
+        assert!(
+            Instant::now() < deadline,
+            "{what} not within {within:?}\n{}",
+            diag()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -91,8 +112,18 @@ impl Drop for Running {
             .stderr(Stdio::null())
             .status();
         let _ = self.child.wait();
-        let _ = self.ctd.ctr().args(["task", "rm", "-f", &self.id]).stderr(Stdio::null()).status();
-        let _ = self.ctd.ctr().args(["container", "rm", &self.id]).stderr(Stdio::null()).status();
+        let _ = self
+            .ctd
+            .ctr()
+            .args(["task", "rm", "-f", &self.id])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self
+            .ctd
+            .ctr()
+            .args(["container", "rm", &self.id])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -117,22 +148,39 @@ impl Kubelet {
 
     /// `ctr run` arguments for one container of the pod template, as CRI would build its spec.
     fn ctr_args(&self, c: &Value, id: &str) -> Vec<String> {
-        let mut a: Vec<String> = vec!["run".into(), "--rm".into(), "--snapshotter".into(), "native".into()];
+        let mut a: Vec<String> = vec![
+            "run".into(),
+            "--rm".into(),
+            "--snapshotter".into(),
+            "native".into(),
+        ];
         // hostNetwork: the node's network namespace.
         a.push("--with-ns".into());
         a.push(format!("network:{}", self.node.path().display()));
         let sc = &c["securityContext"];
-        assert_ne!(sc["privileged"], true, "privileged containers are not emulated here");
+        assert_ne!(
+            sc["privileged"], true,
+            "privileged containers are not emulated here"
+        );
         if sc["readOnlyRootFilesystem"] == true {
             a.push("--read-only".into());
         }
-        let drop_all = sc["capabilities"]["drop"].as_array().is_some_and(|d| d.iter().any(|x| x == "ALL"));
-        assert!(drop_all, "{}: the test expects capabilities.drop [ALL]", c["name"]);
+        let drop_all = sc["capabilities"]["drop"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|x| x == "ALL"));
+        assert!(
+            drop_all,
+            "{}: the test expects capabilities.drop [ALL]",
+            c["name"]
+        );
         let add: Vec<String> = sc["capabilities"]["add"]
             .as_array()
             .map(|v| v.iter().map(|x| x.as_str().unwrap().to_string()).collect())
             .unwrap_or_default();
-        for cap in RUNTIME_DEFAULT_CAPS.iter().filter(|c| !add.iter().any(|a| a == *c)) {
+        for cap in RUNTIME_DEFAULT_CAPS
+            .iter()
+            .filter(|c| !add.iter().any(|a| a == *c))
+        {
             a.push("--cap-drop".into());
             a.push(format!("CAP_{cap}"));
         }
@@ -215,7 +263,12 @@ impl Kubelet {
             .stderr(f)
             .spawn()
             .expect("ctr run");
-        Running { child, ctd: self.ctd.clone(), id, log }
+        Running {
+            child,
+            ctd: self.ctd.clone(),
+            id,
+            log,
+        }
     }
 }
 
@@ -234,7 +287,12 @@ fn http_get_in(ns: &NetNs, host: &str, port: u16, path: &str) -> Option<String> 
 
 /// A TLS front for the test API server, listening inside the node's network namespace (where a
 /// hostNetwork pod finds the Kubernetes service) and relaying to the plain server.
-fn tls_front(rt: &tokio::runtime::Runtime, ns: &NetNs, pki: &Pki, backend: std::net::SocketAddr) -> u16 {
+fn tls_front(
+    rt: &tokio::runtime::Runtime,
+    ns: &NetNs,
+    pki: &Pki,
+    backend: std::net::SocketAddr,
+) -> u16 {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let certs = vec![CertificateDer::from_pem_file(&pki.server_cert).unwrap()];
     let key = PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
@@ -255,11 +313,17 @@ fn tls_front(rt: &tokio::runtime::Runtime, ns: &NetNs, pki: &Pki, backend: std::
     rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
         loop {
-            let Ok((sock, _)) = listener.accept().await else { continue };
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(sock).await else { return };
-                let Ok(mut up) = tokio::net::TcpStream::connect(backend).await else { return };
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
             });
         }
@@ -279,7 +343,12 @@ fn cni(plugin: &Path, conf: &Value, env: &[(&str, &str)], ns: &NetNs) -> Value {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    // VERSION does not read its input: a closed pipe is no error.
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes());
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -300,7 +369,15 @@ fn agent_image_runs_as_the_daemonset_says_and_networks_pods() {
     let w = work.path().to_path_buf();
     let archive = script(
         "packaging/container/build-images.sh",
-        &["--no-cargo", "--profile", profile(), "--only", "agent", "--out", w.join("images").to_str().unwrap()],
+        &[
+            "--no-cargo",
+            "--profile",
+            profile(),
+            "--only",
+            "agent",
+            "--out",
+            w.join("images").to_str().unwrap(),
+        ],
     );
     let archive = PathBuf::from(archive.lines().last().unwrap());
 
@@ -314,14 +391,20 @@ fn agent_image_runs_as_the_daemonset_says_and_networks_pods() {
 
     // The node: a network namespace with an uplink holding the node's address.
     let node = NetNs::new("bdn");
-    node.exec_ok(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p"]);
+    node.exec_ok(&[
+        "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p",
+    ]);
     node.exec_ok(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"]);
     node.exec_ok(&["ip", "link", "set", "up0", "up"]);
     node.exec_ok(&["ip", "link", "set", "up0p", "up"]);
     let node_name = format!("ds-node-{}", std::process::id());
 
     // The API server, reachable from the node as the in-cluster service, with RBAC.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let api = rt.block_on(ApiServer::start());
     api.enforce_rbac(rules.clone());
     let pki = Pki::new(&w, "apiserver", IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -344,10 +427,20 @@ fn agent_image_runs_as_the_daemonset_says_and_networks_pods() {
     let _bpffs = Bpffs(bpffs);
 
     let ctd = Arc::new(Containerd::start());
-    run_ok(ctd.ctr().args(["images", "import", "--snapshotter", "native"]).arg(&archive));
-    let image = format!("docker.io/library/{}", pod["containers"][0]["image"].as_str().unwrap());
+    run_ok(
+        ctd.ctr()
+            .args(["images", "import", "--snapshotter", "native"])
+            .arg(&archive),
+    );
+    let image = format!(
+        "docker.io/library/{}",
+        pod["containers"][0]["image"].as_str().unwrap()
+    );
     let images = run_ok(ctd.ctr().args(["images", "ls", "-q"]));
-    assert!(images.lines().any(|l| l == image), "{image} not in {images}");
+    assert!(
+        images.lines().any(|l| l == image),
+        "{image} not in {images}"
+    );
     let kubelet = Kubelet {
         ctd: ctd.clone(),
         node,
@@ -365,65 +458,170 @@ fn agent_image_runs_as_the_daemonset_says_and_networks_pods() {
     for c in pod["initContainers"].as_array().unwrap() {
         let mut r = kubelet.start(c);
         let st = r.child.wait().unwrap();
-        assert!(st.success(), "init container {} failed: {st}\n{}", c["name"], r.log());
+        assert!(
+            st.success(),
+            "init container {} failed: {st}\n{}",
+            c["name"],
+            r.log()
+        );
     }
     let plugin = host.join("opt/cni/bin/berth");
-    let version = cni(&plugin, &json!({}), &[("CNI_COMMAND", "VERSION")], &kubelet.node);
-    assert!(version["supportedVersions"].to_string().contains("1.1.0"), "{version}");
-    let leftovers: Vec<_> = std::fs::read_dir(host.join("opt/cni/bin")).unwrap().flatten()
-        .map(|e| e.file_name()).collect();
-    assert_eq!(leftovers.len(), 1, "install-cni-plugin left files behind: {leftovers:?}");
+    let version = cni(
+        &plugin,
+        &json!({}),
+        &[("CNI_COMMAND", "VERSION")],
+        &kubelet.node,
+    );
+    assert!(
+        version["supportedVersions"].to_string().contains("1.1.0"),
+        "{version}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(host.join("opt/cni/bin"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "install-cni-plugin left files behind: {leftovers:?}"
+    );
 
     // The agent starts; without its Node object it has no pod CIDR, so nothing is offered.
-    let agent_spec = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "agent").unwrap();
+    let agent_spec = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .unwrap();
     let agent = kubelet.start(agent_spec);
     let conflist = host.join("etc/cni/net.d/05-berth.conflist");
     let probe = &agent_spec["readinessProbe"]["httpGet"];
     let probe_host = probe["host"].as_str().unwrap();
-    let probe_port = agent_spec["ports"].as_array().unwrap().iter()
-        .find(|p| p["name"] == probe["port"]).unwrap()["containerPort"].as_u64().unwrap() as u16;
+    let probe_port = agent_spec["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == probe["port"])
+        .unwrap()["containerPort"]
+        .as_u64()
+        .unwrap() as u16;
     let probe_path = probe["path"].as_str().unwrap();
     let listed_nodes: Access = ("watch".into(), "".into(), "nodes".into());
-    wait_until("the agent watching Nodes", Duration::from_secs(60), || api.requests().contains(&listed_nodes),
-        || format!("requests {:?}\nagent:\n{}", api.requests(), agent.log()));
+    wait_until(
+        "the agent watching Nodes",
+        Duration::from_secs(60),
+        || api.requests().contains(&listed_nodes),
+        || format!("requests {:?}\nagent:\n{}", api.requests(), agent.log()),
+    );
     assert!(agent.pid().is_some(), "the agent exited:\n{}", agent.log());
-    assert!(!conflist.exists(), "conflist installed before the agent was ready");
-    assert!(http_get_in(&kubelet.node, probe_host, probe_port, probe_path).is_none(), "ready without a pod CIDR");
+    assert!(
+        !conflist.exists(),
+        "conflist installed before the agent was ready"
+    );
+    assert!(
+        http_get_in(&kubelet.node, probe_host, probe_port, probe_path).is_none(),
+        "ready without a pod CIDR"
+    );
 
     // The Node object arrives with this node's pod CIDR.
-    api.apply(berth_tests::cluster::node_manifest(&node_name, NODE_IP, POD_CIDR));
-    wait_until("the conflist", Duration::from_secs(60), || conflist.exists(), || agent.log());
-    let mut health = None;
-    wait_until("/healthz 200", Duration::from_secs(30), || {
-        health = http_get_in(&kubelet.node, probe_host, probe_port, probe_path);
-        health.as_deref().is_some_and(|h| h.starts_with("HTTP/1.1 200"))
-    }, || format!("{health:?}\n{}", agent.log()));
-    assert!(health.unwrap().contains(POD_CIDR));
+    api.apply(berth_tests::cluster::node_manifest(
+        &node_name, NODE_IP, POD_CIDR,
+    ));
+    wait_until(
+        "the conflist",
+        Duration::from_secs(60),
+        || conflist.exists(),
+        || agent.log(),
+    );
+    let health = std::cell::RefCell::new(None);
+    wait_until(
+        "/healthz 200",
+        Duration::from_secs(30),
+        || {
+            let h = http_get_in(&kubelet.node, probe_host, probe_port, probe_path);
+            let ok = h
+                .as_deref()
+                .is_some_and(|h| h.starts_with("HTTP/1.0 200") || h.starts_with("HTTP/1.1 200"));
+            *health.borrow_mut() = h;
+            ok
+        },
+        || format!("{:?}\n{}", health.borrow(), agent.log()),
+    );
+    assert!(health.into_inner().unwrap().contains(POD_CIDR));
     let log = agent.log();
-    assert!(log.contains(&format!("pod CIDR from the Node object pod_cidr={POD_CIDR}")), "{log}");
+    assert!(
+        log.contains(&format!(
+            "pod CIDR from the Node object pod_cidr={POD_CIDR}"
+        )),
+        "{log}"
+    );
     // A fresh node namespace forwards nothing and /proc/sys is read-only: a warning, no crash.
-    assert!(log.contains("IPv4 forwarding is OFF") && log.contains("read-only"), "{log}");
+    assert!(
+        log.contains("IPv4 forwarding is OFF") && log.contains("read-only"),
+        "{log}"
+    );
 
     // The agent process: exactly the DaemonSet's capabilities, no privilege escalation,
     // /proc/sys read-only.
     let pid = agent.pid().expect("agent task");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| status.lines().find(|l| l.starts_with(k)).unwrap()[k.len()..].trim().to_string();
-    let want: u64 = agent_spec["securityContext"]["capabilities"]["add"].as_array().unwrap()
-        .iter().map(|c| 1u64 << cap_bit(c.as_str().unwrap())).sum();
-    assert_eq!(u64::from_str_radix(&field("CapEff:"), 16).unwrap(), want, "{status}");
-    assert_eq!(u64::from_str_radix(&field("CapBnd:"), 16).unwrap(), want, "{status}");
+    let field = |k: &str| {
+        status.lines().find(|l| l.starts_with(k)).unwrap()[k.len()..]
+            .trim()
+            .to_string()
+    };
+    let want: u64 = agent_spec["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| 1u64 << cap_bit(c.as_str().unwrap()))
+        .sum();
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        want,
+        "{status}"
+    );
+    assert_eq!(
+        u64::from_str_radix(&field("CapBnd:"), 16).unwrap(),
+        want,
+        "{status}"
+    );
     let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let proc_sys = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/proc/sys"))
+    let proc_sys = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/proc/sys"))
         .unwrap_or_else(|| panic!("no /proc/sys mount:\n{mountinfo}"));
-    assert!(proc_sys.split_whitespace().nth(5).unwrap().split(',').any(|o| o == "ro"), "{proc_sys}");
-    let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).unwrap();
-    assert!(root.split_whitespace().nth(5).unwrap().split(',').any(|o| o == "ro"), "root not read-only: {root}");
+    assert!(
+        proc_sys
+            .split_whitespace()
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "{proc_sys}"
+    );
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .unwrap();
+    assert!(
+        root.split_whitespace()
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "root not read-only: {root}"
+    );
 
     // Pods, wired by the installed plugin with the installed conflist, as a runtime would (the
     // node's paths live under the test's directory).
     let list: Value = serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
-    assert_eq!(list["plugins"].as_array().unwrap().len(), 1, "the default conflist needs only berth");
+    assert_eq!(
+        list["plugins"].as_array().unwrap().len(),
+        1,
+        "the default conflist needs only berth"
+    );
     let mut conf = list["plugins"][0].clone();
     conf["cniVersion"] = "1.1.0".into();
     conf["name"] = list["name"].clone();
@@ -436,31 +634,68 @@ fn agent_image_runs_as_the_daemonset_says_and_networks_pods() {
     for (i, p) in pods.iter().enumerate() {
         let cid = format!("ds-{}-{i}", std::process::id());
         let netns = p.path().display().to_string();
-        let r = cni(&plugin, &conf, &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", &cid),
-            ("CNI_NETNS", &netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/opt/cni/bin")], &kubelet.node);
-        let ip = r["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+        let r = cni(
+            &plugin,
+            &conf,
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &cid),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/opt/cni/bin"),
+            ],
+            &kubelet.node,
+        );
+        let ip = r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
         let net: ipnet::Ipv4Net = POD_CIDR.parse().unwrap();
-        assert!(net.contains(&ip.parse::<Ipv4Addr>().unwrap()), "{ip} outside the Node's {POD_CIDR}");
+        assert!(
+            net.contains(&ip.parse::<Ipv4Addr>().unwrap()),
+            "{ip} outside the Node's {POD_CIDR}"
+        );
         ips.push((cid, netns, ip));
     }
     pods[0].exec_ok(&["ping", "-c", "1", "-W", "5", &ips[1].2]);
-    kubelet.node.exec_ok(&["ping", "-c", "1", "-W", "5", &ips[0].2]);
+    kubelet
+        .node
+        .exec_ok(&["ping", "-c", "1", "-W", "5", &ips[0].2]);
     for (cid, netns, _) in &ips {
-        cni(&plugin, &conf, &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", cid),
-            ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/opt/cni/bin")], &kubelet.node);
+        cni(
+            &plugin,
+            &conf,
+            &[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", cid),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/opt/cni/bin"),
+            ],
+            &kubelet.node,
+        );
     }
 
     // RBAC: every request was allowed (the agent synced), and every grant was used.
     let requests = api.requests();
     for r in &requests {
-        assert!(rules.iter().any(|rule| rule.allows(r)), "the agent asked for {r:?}, which the ClusterRole forbids");
+        assert!(
+            rules.iter().any(|rule| rule.allows(r)),
+            "the agent asked for {r:?}, which the ClusterRole forbids"
+        );
     }
     for rule in &rules {
         for g in &rule.api_groups {
             for res in &rule.resources {
                 for v in &rule.verbs {
                     let a: Access = (v.clone(), g.clone(), res.clone());
-                    assert!(requests.contains(&a), "the ClusterRole grants {a:?}, which the agent never uses");
+                    assert!(
+                        requests.contains(&a),
+                        "the ClusterRole grants {a:?}, which the agent never uses"
+                    );
                 }
             }
         }
@@ -472,24 +707,59 @@ fn agent_image_runs_as_the_daemonset_says_and_networks_pods() {
 #[test]
 fn csi_image_runs_the_driver_and_its_tools() {
     berth_tests::netns::require_root();
-    let work = tempfile::Builder::new().prefix("berth-csi-img-").tempdir_in(repo_root().join("target")).unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("berth-csi-img-")
+        .tempdir_in(repo_root().join("target"))
+        .unwrap();
     let out = script(
         "packaging/container/build-images.sh",
-        &["--no-cargo", "--profile", profile(), "--only", "csi", "--out", work.path().join("images").to_str().unwrap()],
+        &[
+            "--no-cargo",
+            "--profile",
+            profile(),
+            "--only",
+            "csi",
+            "--out",
+            work.path().join("images").to_str().unwrap(),
+        ],
     );
     let archive = PathBuf::from(out.lines().last().unwrap());
-    let node = object(&repo_root().join("packaging/csi/node.yaml"), "DaemonSet", "berth-csi-node");
-    let plugin = node["spec"]["template"]["spec"]["containers"].as_array().unwrap().iter()
-        .find(|c| c["name"] == "berth-csi").unwrap().clone();
+    let node = object(
+        &repo_root().join("packaging/csi/node.yaml"),
+        "DaemonSet",
+        "berth-csi-node",
+    );
+    let plugin = node["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "berth-csi")
+        .unwrap()
+        .clone();
     let ctd = Containerd::start();
-    run_ok(ctd.ctr().args(["images", "import", "--snapshotter", "native"]).arg(&archive));
+    run_ok(
+        ctd.ctr()
+            .args(["images", "import", "--snapshotter", "native"])
+            .arg(&archive),
+    );
     let image = format!("docker.io/library/{}", plugin["image"].as_str().unwrap());
     let id = berth_tests::netns::unique_name("bcsi");
     let out = run_ok(ctd.ctr().args(["run", "--rm", "--snapshotter", "native", &image, &id, "/bin/sh", "-ec",
         "berth-csi --version; berth-csi --help >/dev/null; mkfs.ext4 -V 2>&1; mkfs.xfs -V; \
          resize2fs -P /dev/null 2>&1 | head -1; xfs_growfs -V; blkid -V; blockdev --help 2>&1 | head -1; \
          mount --version; umount --version"]));
-    for tool in ["berth-csi", "mke2fs", "mkfs.xfs", "resize2fs", "xfs_growfs", "blkid", "mount from util-linux"] {
-        assert!(out.contains(tool), "{tool} missing in the CSI image:\n{out}");
+    for tool in [
+        "berth-csi",
+        "mke2fs",
+        "mkfs.xfs",
+        "resize2fs",
+        "xfs_growfs",
+        "blkid",
+        "mount from util-linux",
+    ] {
+        assert!(
+            out.contains(tool),
+            "{tool} missing in the CSI image:\n{out}"
+        );
     }
 }

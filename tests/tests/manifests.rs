@@ -75,7 +75,10 @@ fn workloads_follow_the_api_servers_rules() {
             }
         }
     }
-    assert_eq!(checked, 3, "agent DaemonSet, CSI controller Deployment, CSI node DaemonSet");
+    assert_eq!(
+        checked, 3,
+        "agent DaemonSet, CSI controller Deployment, CSI node DaemonSet"
+    );
 
     // The checker catches what the API server refuses (so a green run means something).
     let ds = object(
@@ -104,7 +107,9 @@ fn workloads_follow_the_api_servers_rules() {
     assert!(e.contains("not allowed in an init container"), "{e}");
     let e = broken(&|d| d["spec"]["selector"]["matchLabels"] = json!({"app": "other"}));
     assert!(e.contains("does not match"), "{e}");
-    let e = broken(&|d| d["spec"]["updateStrategy"]["rollingUpdate"] = json!({"maxUnavailable": 0, "maxSurge": 0}));
+    let e = broken(&|d| {
+        d["spec"]["updateStrategy"]["rollingUpdate"] = json!({"maxUnavailable": 0, "maxSurge": 0})
+    });
     assert!(e.contains("both be 0"), "{e}");
 }
 
@@ -122,13 +127,19 @@ fn agent_daemonset_is_least_privilege_and_leaves_the_pod_cidr_to_each_node() {
     let sc = &agent["securityContext"];
     assert_ne!(sc["privileged"], true, "the agent must not be privileged");
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
-    assert_eq!(sc["capabilities"]["add"], json!(["NET_ADMIN", "BPF", "PERFMON"]));
+    assert_eq!(
+        sc["capabilities"]["add"],
+        json!(["NET_ADMIN", "BPF", "PERFMON"])
+    );
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
 
     // No pod CIDR anywhere: each agent reads its own Node.spec.podCIDRs.
     let text = std::fs::read_to_string(&file).unwrap();
-    assert!(!text.contains("pod-cidr") && !text.contains("POD_CIDR"), "a pod CIDR is hard-coded");
+    assert!(
+        !text.contains("pod-cidr") && !text.contains("POD_CIDR"),
+        "a pod CIDR is hard-coded"
+    );
     let cm = object(&file, "ConfigMap", "berth-agent-config");
     let dir = tempfile::tempdir().unwrap();
     let toml = dir.path().join("agent.toml");
@@ -153,29 +164,50 @@ fn agent_daemonset_is_least_privilege_and_leaves_the_pod_cidr_to_each_node() {
     assert_eq!(probe["path"], "/healthz");
     assert_eq!(
         settings.health_listen,
-        Some(format!("{}:{port}", probe["host"].as_str().unwrap()).parse().unwrap())
+        Some(
+            format!("{}:{port}", probe["host"].as_str().unwrap())
+                .parse()
+                .unwrap()
+        )
     );
     // The node name comes from the pod's node.
-    assert!(agent["env"].as_array().unwrap().iter().any(|e| e["name"] == "BERTH_NODE_NAME"
-        && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"));
+    assert!(
+        agent["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "BERTH_NODE_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
+    );
     // Rolling update: old agent out, new one in, one node at a time, no PodDisruptionBudget.
     assert_eq!(
         ds["spec"]["updateStrategy"],
         json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
     );
-    assert!(load(&file).iter().all(|d| d["kind"] != "PodDisruptionBudget"));
+    assert!(
+        load(&file)
+            .iter()
+            .all(|d| d["kind"] != "PodDisruptionBudget")
+    );
 
     // RBAC reads, and only the kinds the agent watches.
     let role = object(&file, "ClusterRole", "berth-agent");
     for rule in role["rules"].as_array().unwrap() {
         for verb in rule["verbs"].as_array().unwrap() {
-            assert!(["list", "watch"].contains(&verb.as_str().unwrap()), "{rule}");
+            assert!(
+                ["list", "watch"].contains(&verb.as_str().unwrap()),
+                "{rule}"
+            );
         }
     }
     let binding = object(&file, "ClusterRoleBinding", "berth-agent");
     assert_eq!(binding["roleRef"]["name"], "berth-agent");
     assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
-    object(&file, "ServiceAccount", pod["serviceAccountName"].as_str().unwrap());
+    object(
+        &file,
+        "ServiceAccount",
+        pod["serviceAccountName"].as_str().unwrap(),
+    );
 
     // Images are the ones packaging/container/build-images.sh builds.
     let image = format!("berth-agent:{}", workspace_version());
@@ -192,9 +224,20 @@ fn agent_daemonset_is_least_privilege_and_leaves_the_pod_cidr_to_each_node() {
 #[test]
 fn csi_manifests_have_sidecars_leader_election_probes_and_the_three_classes() {
     let dir = repo_root().join("packaging/csi");
-    let ctl = object(&dir.join("controller.yaml"), "Deployment", "berth-csi-controller");
-    let containers = ctl["spec"]["template"]["spec"]["containers"].as_array().unwrap();
-    for sidecar in ["csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer"] {
+    let ctl = object(
+        &dir.join("controller.yaml"),
+        "Deployment",
+        "berth-csi-controller",
+    );
+    let containers = ctl["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    for sidecar in [
+        "csi-provisioner",
+        "csi-attacher",
+        "csi-snapshotter",
+        "csi-resizer",
+    ] {
         let c = containers
             .iter()
             .find(|c| c["name"] == sidecar)
@@ -203,9 +246,18 @@ fn csi_manifests_have_sidecars_leader_election_probes_and_the_three_classes() {
         assert!(args.contains("--leader-election=true"), "{sidecar}: {args}");
     }
     let node = object(&dir.join("node.yaml"), "DaemonSet", "berth-csi-node");
-    let containers = node["spec"]["template"]["spec"]["containers"].as_array().unwrap();
-    assert!(containers.iter().any(|c| c["name"] == "node-driver-registrar"));
-    let plugin = containers.iter().find(|c| c["name"] == "berth-csi").unwrap();
+    let containers = node["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert!(
+        containers
+            .iter()
+            .any(|c| c["name"] == "node-driver-registrar")
+    );
+    let plugin = containers
+        .iter()
+        .find(|c| c["name"] == "berth-csi")
+        .unwrap();
     assert!(plugin["livenessProbe"].is_object());
     let image = format!("berth-csi:{}", workspace_version());
     assert_eq!(plugin["image"], image.as_str());
@@ -216,6 +268,10 @@ fn csi_manifests_have_sidecars_leader_election_probes_and_the_three_classes() {
         .collect();
     assert_eq!(
         classes,
-        ["csi-cinder-classic", "csi-cinder-high-speed", "csi-cinder-high-speed-gen2"]
+        [
+            "csi-cinder-classic",
+            "csi-cinder-high-speed",
+            "csi-cinder-high-speed-gen2"
+        ]
     );
 }

@@ -65,7 +65,10 @@ fn cni_add(m: &Machine, pod: &str) -> String {
         .spawn()
         .and_then(|mut c| {
             use std::io::Write;
-            c.stdin.take().unwrap().write_all(plugin.to_string().as_bytes())?;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(plugin.to_string().as_bytes())?;
             c.wait_with_output()
         })
         .unwrap();
@@ -82,9 +85,16 @@ fn cni_add(m: &Machine, pod: &str) -> String {
 }
 
 fn agent_pid(m: &Machine) -> String {
-    m.exec_ok(&["systemctl", "show", "-p", "MainPID", "--value", "berth-agent.service"])
-        .trim()
-        .to_string()
+    m.exec_ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "MainPID",
+        "--value",
+        "berth-agent.service",
+    ])
+    .trim()
+    .to_string()
 }
 
 #[test]
@@ -93,7 +103,12 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
     let work = tempfile::tempdir().unwrap();
     let v1 = build_debs("0.1.0-1", &work.path().join("v1"));
     let v2 = build_debs("0.1.0-2", &work.path().join("v2"));
-    for name in ["berth-agent", "berth-cni", "berth-csi", "berth-agent-dbgsym"] {
+    for name in [
+        "berth-agent",
+        "berth-cni",
+        "berth-csi",
+        "berth-agent-dbgsym",
+    ] {
         deb(&v1, name);
     }
     lintian(&v1);
@@ -140,20 +155,33 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
     ] {
         m.exec_ok(&["test", "-f", f]);
     }
-    assert_eq!(m.sh("readlink /opt/cni/bin/berth").trim(), "/usr/lib/cni/berth");
+    assert_eq!(
+        m.sh("readlink /opt/cni/bin/berth").trim(),
+        "/usr/lib/cni/berth"
+    );
     // Every file the packages put under /etc is a conffile.
     for pkg in ["berth-agent", "berth-cni", "berth-csi"] {
         let conffiles = m.exec_ok(&["dpkg-query", "-W", "-f=${Conffiles}", pkg]);
         for f in m.exec_ok(&["dpkg", "-L", pkg]).lines() {
             if f.starts_with("/etc/") && m.exec(&["test", "-f", f]).status.success() {
-                assert!(conffiles.contains(f), "{pkg}: {f} is not a conffile: {conffiles}");
+                assert!(
+                    conffiles.contains(f),
+                    "{pkg}: {f} is not a conffile: {conffiles}"
+                );
             }
         }
     }
     // The agent: enabled, started, unprivileged, three capabilities, forwarding from sysctl.d.
-    assert_eq!(m.exec_ok(&["systemctl", "is-enabled", "berth-agent"]).trim(), "enabled");
+    assert_eq!(
+        m.exec_ok(&["systemctl", "is-enabled", "berth-agent"])
+            .trim(),
+        "enabled"
+    );
     m.wait_ok(&["berthctl", "status"], Duration::from_secs(60));
-    assert_eq!(m.exec_ok(&["systemctl", "is-active", "berth-agent"]).trim(), "active");
+    assert_eq!(
+        m.exec_ok(&["systemctl", "is-active", "berth-agent"]).trim(),
+        "active"
+    );
     let pid = agent_pid(&m);
     let status = m.exec_ok(&["cat", &format!("/proc/{pid}/status")]);
     let field = |k: &str| {
@@ -164,26 +192,44 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
             .unwrap()
     };
     let berth_uid = m.exec_ok(&["id", "-u", "berth"]).trim().to_string();
-    assert!(field("Uid:").starts_with(&berth_uid), "agent not running as berth: {status}");
+    assert!(
+        field("Uid:").starts_with(&berth_uid),
+        "agent not running as berth: {status}"
+    );
     assert_ne!(berth_uid, "0");
     // CAP_NET_ADMIN (12) | CAP_PERFMON (38) | CAP_BPF (39)
     let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
     assert_eq!(caps, (1 << 12) | (1 << 38) | (1 << 39), "CapEff {caps:x}");
     assert_eq!(field("NoNewPrivs:"), "1");
-    assert_eq!(m.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
-    assert!(m.journal().contains("IPv4 forwarding is on"), "{}", m.journal());
+    assert_eq!(
+        m.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "1"
+    );
+    assert!(
+        m.journal().contains("IPv4 forwarding is on"),
+        "{}",
+        m.journal()
+    );
     let health = m.exec_ok(&[
         "bash",
         "-c",
         "exec 3<>/dev/tcp/127.0.0.1/9878; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
     ]);
-    assert!(health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
+    );
 
     // Pods through the packaged plugin and conflist, served by the packaged agent.
     let a = cni_add(&m, "poda");
     let b = cni_add(&m, "podb");
-    assert!(a.starts_with("10.2.0.") && b.starts_with("10.2.0."), "{a} {b}");
-    m.exec_ok(&["ip", "netns", "exec", "poda", "ping", "-c", "1", "-W", "5", &b]);
+    assert!(
+        a.starts_with("10.2.0.") && b.starts_with("10.2.0."),
+        "{a} {b}"
+    );
+    m.exec_ok(&[
+        "ip", "netns", "exec", "poda", "ping", "-c", "1", "-W", "5", &b,
+    ]);
 
     // systemd's own checks of the unit.
     let verify = m.exec(&["systemd-analyze", "verify", "berth-agent.service"]);
@@ -192,15 +238,26 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
         "systemd-analyze verify: {}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    let security = m.exec_ok(&["systemd-analyze", "security", "--no-pager", "berth-agent.service"]);
+    let security = m.exec_ok(&[
+        "systemd-analyze",
+        "security",
+        "--no-pager",
+        "berth-agent.service",
+    ]);
     let exposure: f64 = security
         .lines()
-        .find_map(|l| l.split("Overall exposure level for berth-agent.service:").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for berth-agent.service:")
+                .nth(1)
+        })
         .and_then(|r| r.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{security}"));
     println!("systemd-analyze security: berth-agent.service exposure {exposure}");
-    assert!(exposure <= 2.0, "exposure {exposure} (README promises 2.0 or better):\n{security}");
+    assert!(
+        exposure <= 2.0,
+        "exposure {exposure} (README promises 2.0 or better):\n{security}"
+    );
 
     // The admin edits both conffiles; a newer build is installed over them.
     m.sh("echo '# admin: keep me' >> /etc/berth/agent.toml");
@@ -209,9 +266,15 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
     let conflist = m.exec_ok(&["cat", "/etc/cni/net.d/05-berth.conflist"]);
     let before = agent_pid(&m);
     dpkg(&["-i", "--force-confold"], &p2);
-    assert_eq!(m.exec_ok(&["dpkg-query", "-W", "-f=${Version}", "berth-agent"]), "0.1.0-2");
+    assert_eq!(
+        m.exec_ok(&["dpkg-query", "-W", "-f=${Version}", "berth-agent"]),
+        "0.1.0-2"
+    );
     assert_eq!(m.exec_ok(&["cat", "/etc/berth/agent.toml"]), agent_toml);
-    assert_eq!(m.exec_ok(&["cat", "/etc/cni/net.d/05-berth.conflist"]), conflist);
+    assert_eq!(
+        m.exec_ok(&["cat", "/etc/cni/net.d/05-berth.conflist"]),
+        conflist
+    );
     m.wait_ok(&["berthctl", "status"], Duration::from_secs(60));
     let after = agent_pid(&m);
     assert_ne!(before, after, "the upgrade did not restart the agent");
@@ -219,18 +282,42 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
         serde_json::from_str(&m.exec_ok(&["berthctl", "status", "--json"])).unwrap();
     assert_eq!(st["endpoints"], 2, "pods lost across the upgrade: {st}");
     assert_eq!(st["datapath"]["adopted"], true, "{st}");
-    m.exec_ok(&["ip", "netns", "exec", "podb", "ping", "-c", "1", "-W", "5", &a]);
+    m.exec_ok(&[
+        "ip", "netns", "exec", "podb", "ping", "-c", "1", "-W", "5", &a,
+    ]);
 
     // Remove: stopped, nothing running, state and conffiles kept.
     m.exec_ok(&["dpkg", "-r", "berth-cni", "berth-csi", "berth-agent"]);
     let running = m.exec(&["pgrep", "-x", "berth-agent"]);
-    assert!(!running.status.success(), "berth-agent still running after remove");
-    assert!(!m.exec(&["systemctl", "is-active", "berth-agent"]).status.success());
-    for gone in ["/usr/bin/berth-agent", "/usr/lib/cni/berth", "/lib/systemd/system/berth-agent.service"] {
-        assert!(!m.exec(&["test", "-e", gone]).status.success(), "{gone} left after remove");
+    assert!(
+        !running.status.success(),
+        "berth-agent still running after remove"
+    );
+    assert!(
+        !m.exec(&["systemctl", "is-active", "berth-agent"])
+            .status
+            .success()
+    );
+    for gone in [
+        "/usr/bin/berth-agent",
+        "/usr/lib/cni/berth",
+        "/lib/systemd/system/berth-agent.service",
+    ] {
+        assert!(
+            !m.exec(&["test", "-e", gone]).status.success(),
+            "{gone} left after remove"
+        );
     }
-    assert!(!m.exec(&["test", "-L", "/opt/cni/bin/berth"]).status.success());
-    for kept in ["/etc/berth/agent.toml", "/etc/cni/net.d/05-berth.conflist", "/var/lib/berth/state.json"] {
+    assert!(
+        !m.exec(&["test", "-L", "/opt/cni/bin/berth"])
+            .status
+            .success()
+    );
+    for kept in [
+        "/etc/berth/agent.toml",
+        "/etc/cni/net.d/05-berth.conflist",
+        "/var/lib/berth/state.json",
+    ] {
         m.exec_ok(&["test", "-e", kept]);
     }
     // Purge: conffiles and state go too.
@@ -243,8 +330,14 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
         "/run/berth",
         "/sys/fs/bpf/berth",
     ] {
-        assert!(!m.exec(&["test", "-e", gone]).status.success(), "{gone} left after purge");
+        assert!(
+            !m.exec(&["test", "-e", gone]).status.success(),
+            "{gone} left after purge"
+        );
     }
     let listed = m.exec(&["dpkg-query", "-W", "berth-agent"]);
-    assert!(!listed.status.success(), "berth-agent still known to dpkg after purge");
+    assert!(
+        !listed.status.success(),
+        "berth-agent still known to dpkg after purge"
+    );
 }
