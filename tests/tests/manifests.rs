@@ -163,7 +163,7 @@ fn agent_daemonset_is_least_privilege_and_leaves_the_pod_cidr_to_each_node() {
         .unwrap();
     assert_eq!(probe["path"], "/healthz");
     assert_eq!(
-        settings.health_listen,
+        settings.metrics_addr,
         Some(
             format!("{}:{port}", probe["host"].as_str().unwrap())
                 .parse()

@@ -213,7 +213,7 @@ fn packages_pass_lintian_install_upgrade_keep_edits_remove_and_purge() {
     let health = m.exec_ok(&[
         "bash",
         "-c",
-        "exec 3<>/dev/tcp/127.0.0.1/9878; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
+        "exec 3<>/dev/tcp/127.0.0.1/9962; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
     ]);
     assert!(
         health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
