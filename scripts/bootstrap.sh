@@ -13,6 +13,8 @@ APT_PACKAGES=(
   iptables openssl curl
   # packaging (issue 12): .debs, lintian, a bookworm root booted by nspawn, OCI images, man pages
   debootstrap lintian debhelper dpkg-dev binutils systemd-container buildah help2man
+  # the control plane's registry (issue 14): real etcd for the tests and the benchmark
+  etcd-server etcd-client
 )
 
 need_apt=()

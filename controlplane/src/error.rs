@@ -28,6 +28,13 @@ pub enum Error {
     /// HTTP status/admin client.
     #[error("http: {0}")]
     Http(String),
+    /// The registry's store (etcd or in memory) is unreachable or refused the request; nothing
+    /// was written, the caller may retry.
+    #[error("registry store unavailable: {0}")]
+    Store(String),
+    /// A stored value this binary cannot read (unknown schema version or corrupt JSON).
+    #[error("registry store holds {key} that this binary cannot read: {reason}")]
+    Schema { key: String, reason: String },
 }
 
 /// Result alias for the control plane.

@@ -16,7 +16,15 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::{
     Error, Result,
-    lifecycle::{LifecycleConfig, Plan, ProvisionRequest, Registry, Timers, service::NodeSvc},
+    lifecycle::{
+        LifecycleConfig, Plan, ProvisionRecord, ProvisionRequest, Registry, Timers,
+        service::NodeSvc,
+        store::{
+            Store,
+            etcd::{EtcdConfig, EtcdStore},
+            memory::MemoryStore,
+        },
+    },
     tunnel::{
         DEFAULT_WINDOW, TunnelConfig, TunnelServer, agent::AgentSvc, connect, proxy::ProxySvc,
     },
@@ -108,14 +116,42 @@ pub struct ServeArgs {
     pub pod_start_ms: u64,
     #[arg(long, default_value_t = 1_000)]
     pub tick_ms: u64,
-    /// Do not run the lifecycle controller on this replica (it still accepts registrations and
-    /// heartbeats and shows them). With several replicas and no shared registry, exactly one
-    /// replica should drive NotReady, auto-healing, drains and upgrades.
+    /// Never lead the lifecycle controller on this replica (it still accepts registrations,
+    /// heartbeats and admin requests and shows the registry). With etcd every replica is a
+    /// candidate and one elected leader runs the controller; without etcd each replica has its
+    /// own registry, and this flag keeps extra replicas from acting on theirs.
     #[arg(long)]
     pub no_lifecycle_controller: bool,
-    /// Command run (with `sh -c`) for each provisioning request; it gets BERTH_ACTION,
-    /// BERTH_INSTANCE_ID, BERTH_NODE_NAME, BERTH_POOL, BERTH_FLAVOR, BERTH_ZONE, BERTH_VERSION.
-    /// Without it, requests stay listed as pending actions in the status view.
+    /// etcd v3 members holding the node registry (comma-separated `host:port` or
+    /// `http(s)://host:port`); every replica of the cluster uses the same. Without it the
+    /// registry lives in this process only (one replica, lost on restart: the demo's default).
+    #[arg(long, env = "BERTH_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster's registry in etcd (one per cluster: clusters may share an
+    /// etcd). Keys and values: docs/controlplane-state.md.
+    #[arg(long, default_value = "/berth/default")]
+    pub etcd_prefix: String,
+    /// Deadline of each etcd call (an etcd without quorum fails calls instead of hanging them).
+    #[arg(long, default_value_t = 2_000)]
+    pub etcd_timeout_ms: u64,
+    /// CA (PEM) of the etcd members' certificates (connect with TLS).
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd mTLS; with --etcd-key-file.
+    #[arg(long, requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for etcd mTLS.
+    #[arg(long, requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// TTL of this replica's etcd lease in seconds: the leader holds its leadership with it, so
+    /// a dead leader is replaced about this long after its last renewal.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i64).range(2..=60))]
+    pub lease_ttl_secs: i64,
+    /// Command run (with `sh -c`) by the leader for each provisioning request; it gets
+    /// BERTH_ACTION, BERTH_REQUEST_ID, BERTH_INSTANCE_ID, BERTH_NODE_NAME, BERTH_POOL,
+    /// BERTH_FLAVOR, BERTH_ZONE, BERTH_VERSION. A request reaches the hook at least once (a
+    /// leader that dies right after running it may leave it to the next): BERTH_REQUEST_ID is
+    /// stable. Without a hook, requests stay listed as pending actions in the status view.
     #[arg(long)]
     pub provision_hook: Option<String>,
 }
@@ -147,6 +183,13 @@ impl ServeArgs {
             tick_ms: 1_000,
             provision_hook: None,
             no_lifecycle_controller: false,
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "/berth/default".into(),
+            etcd_timeout_ms: 2_000,
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
+            lease_ttl_secs: 3,
         };
         (args, vec![token.to_string()])
     }
@@ -200,6 +243,22 @@ pub fn read_tokens(files: &[PathBuf]) -> Result<Vec<String>> {
     Ok(tokens)
 }
 
+/// The registry's store from the flags: etcd when endpoints are given, else in memory.
+pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
+    if args.etcd_endpoints.is_empty() {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    let store = EtcdStore::connect(EtcdConfig {
+        endpoints: args.etcd_endpoints.clone(),
+        timeout: Duration::from_millis(args.etcd_timeout_ms.max(100)),
+        ca: args.etcd_ca_file.clone(),
+        cert: args.etcd_cert_file.clone(),
+        key: args.etcd_key_file.clone(),
+    })
+    .await?;
+    Ok(Arc::new(store))
+}
+
 /// A running control plane.
 pub struct Running {
     pub tunnel: Arc<TunnelServer>,
@@ -237,7 +296,7 @@ fn bind_uds(path: &PathBuf) -> Result<UnixListener> {
 pub async fn start(
     args: &ServeArgs,
     tokens: Vec<String>,
-) -> Result<(Running, mpsc::UnboundedReceiver<ProvisionRequest>)> {
+) -> Result<(Running, mpsc::UnboundedReceiver<ProvisionRecord>)> {
     if tokens.is_empty() && args.client_ca.is_none() {
         return Err(Error::Config(
             "no agent authentication configured (--token-file or --client-ca)".into(),
@@ -264,12 +323,17 @@ pub async fn start(
         window: args.window,
     });
     let (prov_tx, prov_rx) = mpsc::unbounded_channel();
+    let store = open_store(args).await?;
     let registry = Registry::new(
         LifecycleConfig {
             plan: args.plan,
             timers: args.timers(),
             server_id: args.server_id.clone(),
+            controller: !args.no_lifecycle_controller,
+            lease_ttl_secs: args.lease_ttl_secs,
+            prefix: args.etcd_prefix.clone(),
         },
+        store,
         prov_tx,
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -382,10 +446,8 @@ pub async fn start(
         registry.clone(),
         shutdown_rx.clone(),
     )));
-    if !args.no_lifecycle_controller {
-        tasks.push(tokio::spawn(registry.clone().run(shutdown_rx.clone())));
-    }
-    tracing::info!(%agent_addr, %status_addr, server_id = %args.server_id, "control plane listening");
+    tasks.push(tokio::spawn(registry.clone().run(shutdown_rx.clone())));
+    tracing::info!(%agent_addr, %status_addr, server_id = %args.server_id, store = %registry.store().describe(), "control plane listening");
     Ok((
         Running {
             tunnel,
@@ -400,10 +462,10 @@ pub async fn start(
     ))
 }
 
-async fn run_hook(hook: String, req: ProvisionRequest) {
+async fn run_hook(hook: String, rec: ProvisionRecord, registry: Arc<Registry>) {
     let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c").arg(&hook);
-    let (action, id, name) = match &req {
+    cmd.arg("-c").arg(&hook).env("BERTH_REQUEST_ID", &rec.id);
+    let (action, id, name) = match &rec.request {
         ProvisionRequest::Reinstall {
             instance_id,
             node_name,
@@ -433,7 +495,12 @@ async fn run_hook(hook: String, req: ProvisionRequest) {
         .env("BERTH_NODE_NAME", name)
         .kill_on_drop(true);
     match cmd.status().await {
-        Ok(s) if s.success() => tracing::info!(action, node = %name, "provision hook done"),
+        Ok(s) if s.success() => {
+            tracing::info!(action, node = %name, request = %rec.id, "provision hook done");
+            if let Err(e) = registry.provision_done(&rec.id).await {
+                tracing::warn!(request = %rec.id, "could not record the finished request: {e}");
+            }
+        }
         Ok(s) => tracing::warn!(action, node = %name, "provision hook failed: {s}"),
         Err(e) => tracing::warn!(action, node = %name, "provision hook: {e}"),
     }
@@ -448,13 +515,16 @@ pub async fn run_until_signal(args: ServeArgs) -> Result<()> {
     };
     let (running, mut prov_rx) = start(&args, tokens).await?;
     let hook = args.provision_hook.clone();
+    let registry = running.registry.clone();
     tokio::spawn(async move {
-        while let Some(req) = prov_rx.recv().await {
+        while let Some(rec) = prov_rx.recv().await {
             match &hook {
                 Some(h) => {
-                    tokio::spawn(run_hook(h.clone(), req));
+                    tokio::spawn(run_hook(h.clone(), rec, registry.clone()));
                 }
-                None => tracing::info!(?req, "provisioning request (no hook: listed as pending)"),
+                None => {
+                    tracing::info!(request = %rec.id, req = ?rec.request, "provisioning request (no hook: listed as pending)")
+                }
             }
         }
     });

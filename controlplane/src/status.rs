@@ -38,7 +38,12 @@ struct NodeReq {
 }
 
 fn lifecycle_err(e: Error) -> (StatusCode, String) {
-    (StatusCode::BAD_REQUEST, format!("{e}\n"))
+    let code = match e {
+        // Nothing was written; the request can be retried.
+        Error::Store(_) | Error::Schema { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (code, format!("{e}\n"))
 }
 
 /// Serves the status/admin API until `shutdown` changes.
@@ -65,8 +70,11 @@ pub async fn serve(
             "/v1/pods",
             post(
                 |State(s): State<AppState>, Json(pods): Json<Vec<Pod>>| async move {
-                    s.registry.set_pods(pods);
-                    "ok\n"
+                    s.registry
+                        .set_pods(pods)
+                        .await
+                        .map(|()| "ok\n")
+                        .map_err(lifecycle_err)
                 },
             ),
         )
@@ -74,8 +82,11 @@ pub async fn serve(
             "/v1/pdbs",
             post(
                 |State(s): State<AppState>, Json(pdbs): Json<Vec<Pdb>>| async move {
-                    s.registry.set_pdbs(pdbs);
-                    "ok\n"
+                    s.registry
+                        .set_pdbs(pdbs)
+                        .await
+                        .map(|()| "ok\n")
+                        .map_err(lifecycle_err)
                 },
             ),
         )
@@ -85,6 +96,7 @@ pub async fn serve(
                 |State(s): State<AppState>, Json(req): Json<UpgradeRequest>| async move {
                     s.registry
                         .upgrade(req)
+                        .await
                         .map(|()| "ok\n")
                         .map_err(lifecycle_err)
                 },
@@ -96,6 +108,7 @@ pub async fn serve(
                 |State(s): State<AppState>, Json(req): Json<NodeReq>| async move {
                     s.registry
                         .drain(&req.node, req.terminate)
+                        .await
                         .map(|()| "ok\n")
                         .map_err(lifecycle_err)
                 },
@@ -107,6 +120,7 @@ pub async fn serve(
                 |State(s): State<AppState>, Json(req): Json<NodeReq>| async move {
                     s.registry
                         .cordon(&req.node, true)
+                        .await
                         .map(|()| "ok\n")
                         .map_err(lifecycle_err)
                 },
@@ -118,6 +132,7 @@ pub async fn serve(
                 |State(s): State<AppState>, Json(req): Json<NodeReq>| async move {
                     s.registry
                         .cordon(&req.node, false)
+                        .await
                         .map(|()| "ok\n")
                         .map_err(lifecycle_err)
                 },
@@ -207,6 +222,42 @@ pub fn format_status(v: &serde_json::Value) -> String {
         v["server_count"],
         s(&v["registry"]["plan"])
     );
+    let st = &v["registry"]["store"];
+    let _ = writeln!(
+        out,
+        "store {} prefix {} (registry {}, revision {}){}",
+        s(&st["backend"]),
+        s(&st["prefix"]),
+        s(&st["registry_id"]),
+        st["revision"],
+        if st["reachable"] == false {
+            format!(" UNREACHABLE: {}", s(&st["last_error"]))
+        } else {
+            String::new()
+        }
+    );
+    let c = &v["registry"]["controller"];
+    let _ = writeln!(
+        out,
+        "controller: this replica {}; leader {} (term {}){}",
+        s(&c["role"]),
+        c["leader"].as_str().unwrap_or("none"),
+        c["term"],
+        match c["paused"].as_str() {
+            Some(r) => format!("; decisions PAUSED: {r}"),
+            None => String::new(),
+        }
+    );
+    for r in v["registry"]["replicas"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  replica {:<20} {:<16} report {} ms ago, {} nodes heard",
+            s(&r["server_id"]),
+            s(&r["role"]),
+            r["report_age_ms"],
+            r["nodes_heard"]
+        );
+    }
     let _ = writeln!(out, "\nAGENTS");
     for a in v["agents"].as_array().into_iter().flatten() {
         let _ = writeln!(

@@ -1,7 +1,9 @@
 //! Node registration and lifecycle under shortened timers: a control plane (tunnel server, node
 //! API, lifecycle controller) and real tunnel agents talking gRPC over loopback; the test plays
 //! the cloud (it fulfils the controller's provisioning requests by starting, restarting and
-//! stopping agents). Privileged suite: requires root like the other end-to-end tests.
+//! stopping agents). Every test runs twice: on the in-memory store and on a real etcd (Debian's
+//! etcd-server, one member per test on ports it picks). Privileged suite: requires root like the
+//! other end-to-end tests.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -15,14 +17,15 @@ use std::{
 
 use berth_controlplane::{
     lifecycle::{
-        NodeState, Plan, ProvisionRequest, Strategy, UpgradeRequest,
+        NodeState, Plan, ProvisionRecord, ProvisionRequest, Strategy, UpgradeRequest,
         machine::{Pdb, Pod},
         registry::RegistryStatus,
     },
     serve::{Running, ServeArgs, start},
 };
 use berth_tests::{
-    netns::require_root,
+    etcd::Etcd,
+    netns::{require_root, unique_name},
     tunnel::{AgentGuard, TOKEN, TestDisk, agent_args, token_file},
 };
 use tokio::{
@@ -54,9 +57,42 @@ async fn healthz(healthy: Arc<AtomicBool>) -> SocketAddr {
     addr
 }
 
+/// Where the registry lives.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    Etcd,
+}
+
+/// Runs each listed test on both stores (`<test>::in_memory`, `<test>::etcd`).
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_memory() {
+                super::$name(super::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$name(super::Backend::Etcd).await
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    registration_lost_heartbeats_and_free_plan_reinstall_in_place,
+    standard_plan_autoheal_replaces_the_node,
+    failing_condition_marks_not_ready_and_recovers,
+    drain_respects_the_pdb_then_forces_after_the_timeout,
+    drain_with_a_pdb_evicts_one_pod_at_a_time,
+    in_place_upgrade_strictly_one_node_at_a_time,
+    rolling_upgrade_with_max_surge_and_max_unavailable,
+);
+
 struct Cluster {
     running: Option<Running>,
-    prov: mpsc::UnboundedReceiver<ProvisionRequest>,
+    prov: mpsc::UnboundedReceiver<ProvisionRecord>,
     dir: tempfile::TempDir,
     token: PathBuf,
     agents: HashMap<String, AgentGuard>,
@@ -65,12 +101,23 @@ struct Cluster {
     handled: Vec<ProvisionRequest>,
     /// The filesystem every node's DiskPressure probe looks at (the test controls its fill).
     disk: TestDisk,
+    /// The registry's etcd (dropped after the control plane).
+    _etcd: Option<Etcd>,
 }
 
 impl Cluster {
-    async fn new(plan: Plan, autoheal_ms: u64, drain_timeout_ms: u64) -> Self {
+    async fn new(backend: Backend, plan: Plan, autoheal_ms: u64, drain_timeout_ms: u64) -> Self {
         require_root();
         let (mut args, tokens) = ServeArgs::local(TOKEN);
+        let etcd = match backend {
+            Backend::Memory => None,
+            Backend::Etcd => {
+                let e = Etcd::start(1);
+                args.etcd_endpoints = e.endpoints();
+                args.etcd_prefix = format!("/berth/{}", unique_name("lc"));
+                Some(e)
+            }
+        };
         args.plan = plan;
         args.heartbeat_interval_ms = 100;
         args.heartbeat_grace_ms = 2_000;
@@ -79,6 +126,11 @@ impl Cluster {
         args.pod_start_ms = 200;
         args.tick_ms = 50;
         let (running, prov) = start(&args, tokens).await.expect("control plane");
+        assert!(
+            running.registry.wait_loaded(LIMIT).await,
+            "registry loaded from {}",
+            running.registry.store().describe()
+        );
         let dir = tempfile::tempdir().unwrap();
         let token = token_file(dir.path(), TOKEN);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -93,6 +145,7 @@ impl Cluster {
             healthy,
             handled: Vec::new(),
             disk: TestDisk::mount(8),
+            _etcd: etcd,
         }
     }
 
@@ -142,7 +195,8 @@ impl Cluster {
 
     /// Plays the cloud for pending provisioning requests.
     async fn pump(&mut self) {
-        while let Ok(req) = self.prov.try_recv() {
+        while let Ok(rec) = self.prov.try_recv() {
+            let req = rec.request;
             match &req {
                 ProvisionRequest::Reinstall {
                     instance_id,
@@ -224,9 +278,8 @@ fn state_of(s: &RegistryStatus, instance: &str) -> Option<NodeState> {
         .map(|n| n.state)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_lost_heartbeats_and_free_plan_reinstall_in_place() {
-    let mut c = Cluster::new(Plan::Free, 3_000, 60_000).await;
+async fn registration_lost_heartbeats_and_free_plan_reinstall_in_place(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Free, 3_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-a", "1.0.0");
     c.wait("node-1 Ready", |s| {
         state_of(s, "i-0001") == Some(NodeState::Ready)
@@ -304,9 +357,8 @@ async fn registration_lost_heartbeats_and_free_plan_reinstall_in_place() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn standard_plan_autoheal_replaces_the_node() {
-    let mut c = Cluster::new(Plan::Standard, 3_000, 60_000).await;
+async fn standard_plan_autoheal_replaces_the_node(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Standard, 3_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-s", "1.0.0");
     c.start_node("node-2", "i-0002", "pool-s", "1.0.0");
     c.wait("both Ready", |s| {
@@ -352,9 +404,8 @@ async fn standard_plan_autoheal_replaces_the_node() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_condition_marks_not_ready_and_recovers() {
-    let mut c = Cluster::new(Plan::Free, 600_000, 60_000).await;
+async fn failing_condition_marks_not_ready_and_recovers(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Free, 600_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-a", "1.0.0");
     c.wait("Ready", |s| state_of(s, "i-0001") == Some(NodeState::Ready))
         .await;
@@ -423,9 +474,8 @@ fn pdb(app: &str, min_available: Option<u32>, max_unavailable: Option<u32>) -> P
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_respects_the_pdb_then_forces_after_the_timeout() {
-    let mut c = Cluster::new(Plan::Free, 600_000, 4_000).await;
+async fn drain_respects_the_pdb_then_forces_after_the_timeout(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Free, 600_000, 4_000).await;
     c.start_node("node-1", "i-0001", "pool-a", "1.0.0");
     c.start_node("node-2", "i-0002", "pool-a", "1.0.0");
     c.wait("both Ready", |s| {
@@ -440,9 +490,11 @@ async fn drain_respects_the_pdb_then_forces_after_the_timeout() {
     reg.set_pods(vec![
         pod("web-0", "web", "node-1"),
         pod("web-1", "web", "node-1"),
-    ]);
-    reg.set_pdbs(vec![pdb("web", Some(2), None)]);
-    reg.drain("node-1", false).unwrap();
+    ])
+    .await
+    .unwrap();
+    reg.set_pdbs(vec![pdb("web", Some(2), None)]).await.unwrap();
+    reg.drain("node-1", false).await.unwrap();
     c.wait("drain blocked by the PDB", |s| {
         node(s, "i-0001").draining.as_deref() == Some("blocked by PodDisruptionBudget default/web")
     })
@@ -480,9 +532,8 @@ async fn drain_respects_the_pdb_then_forces_after_the_timeout() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_with_a_pdb_evicts_one_pod_at_a_time() {
-    let mut c = Cluster::new(Plan::Free, 600_000, 60_000).await;
+async fn drain_with_a_pdb_evicts_one_pod_at_a_time(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Free, 600_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-a", "1.0.0");
     c.start_node("node-2", "i-0002", "pool-a", "1.0.0");
     c.wait("both Ready", |s| {
@@ -498,9 +549,11 @@ async fn drain_with_a_pdb_evicts_one_pod_at_a_time() {
         (0..4)
             .map(|i| pod(&format!("api-{i}"), "api", "node-1"))
             .collect(),
-    );
-    reg.set_pdbs(vec![pdb("api", None, Some(1))]);
-    reg.drain("node-1", false).unwrap();
+    )
+    .await
+    .unwrap();
+    reg.set_pdbs(vec![pdb("api", None, Some(1))]).await.unwrap();
+    reg.drain("node-1", false).await.unwrap();
     let mut max_unready = 0;
     c.wait("all api pods moved and ready", |s| {
         let unready = s.pods.iter().filter(|p| !p.ready).count();
@@ -516,9 +569,8 @@ async fn drain_with_a_pdb_evicts_one_pod_at_a_time() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_place_upgrade_strictly_one_node_at_a_time() {
-    let mut c = Cluster::new(Plan::Free, 600_000, 60_000).await;
+async fn in_place_upgrade_strictly_one_node_at_a_time(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Free, 600_000, 60_000).await;
     for i in 1..=3 {
         c.start_node(
             &format!("node-{i}"),
@@ -542,6 +594,7 @@ async fn in_place_upgrade_strictly_one_node_at_a_time() {
             version: "2.0.0".into(),
             strategy: Strategy::InPlace,
         })
+        .await
         .unwrap();
     let mut max_down = 0;
     c.wait("in-place upgrade done", |s| {
@@ -590,9 +643,8 @@ async fn in_place_upgrade_strictly_one_node_at_a_time() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_upgrade_with_max_surge_and_max_unavailable() {
-    let mut c = Cluster::new(Plan::Standard, 600_000, 60_000).await;
+async fn rolling_upgrade_with_max_surge_and_max_unavailable(backend: Backend) {
+    let mut c = Cluster::new(backend, Plan::Standard, 600_000, 60_000).await;
     c.start_node("node-1", "i-0001", "pool-r", "1.0.0");
     c.start_node("node-2", "i-0002", "pool-r", "1.0.0");
     c.wait("two Ready", |s| {
@@ -613,6 +665,7 @@ async fn rolling_upgrade_with_max_surge_and_max_unavailable() {
                 max_unavailable: 0,
             },
         })
+        .await
         .unwrap();
     let mut min_available = usize::MAX;
     let mut max_live = 0;
@@ -672,6 +725,7 @@ async fn rolling_upgrade_with_max_surge_and_max_unavailable() {
                 max_unavailable: 0,
             },
         })
+        .await
         .unwrap_err();
     assert!(err.to_string().contains("cannot both be 0"));
     c.shutdown().await;

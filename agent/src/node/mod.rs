@@ -3,14 +3,16 @@
 //! For every tunnel connection the agent registers its node with that control-plane replica over
 //! the same HTTP/2 connection ([`session`]), then heartbeats with its conditions. Commands in the
 //! heartbeat answers (cordon, uncordon, drain, upgrade, reinstall, terminate) are executed once
-//! (deduplicated by replica and command ID), acknowledged in the next heartbeat, and recorded in a
-//! JSON state file that `berthctl node` shows.
+//! per registry and command ID (replicas sharing one registry deliver the same command; an older
+//! server without a registry ID is its own registry), acknowledged in the next heartbeat to every
+//! replica that delivered them (with the first execution's result; a delivery while it still runs
+//! is acknowledged later), and recorded in a JSON state file that `berthctl node` shows.
 pub mod conditions;
 pub mod flavor;
 pub mod session;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
@@ -88,16 +90,23 @@ fn res_map(r: &Option<Resources>) -> BTreeMap<String, u64> {
     .into()
 }
 
+/// Outcome of a command: `None` while it runs.
+type Outcome = Option<std::result::Result<(), String>>;
+
 struct Inner {
     reg: NodeRegistration,
     file: NodeStateFile,
-    seen: HashSet<(String, u64)>,
+    /// (registry, command ID) → outcome.
+    seen: HashMap<(String, u64), Outcome>,
     acks: BTreeMap<String, Vec<CommandAck>>,
 }
 
 /// The node's side of the lifecycle, shared by the per-replica sessions.
 pub struct NodeAgent {
     inner: Mutex<Inner>,
+    /// Orders this process's reports across replicas: (start time, counter).
+    start_ms: u64,
+    sequence: std::sync::atomic::AtomicU64,
     state_path: Option<PathBuf>,
     upgrade_hook: Option<String>,
 }
@@ -188,14 +197,38 @@ impl NodeAgent {
             inner: Mutex::new(Inner {
                 reg,
                 file,
-                seen: HashSet::new(),
+                seen: HashMap::new(),
                 acks: BTreeMap::new(),
             }),
             state_path,
             upgrade_hook,
+            start_ms: now_ms(),
+            sequence: std::sync::atomic::AtomicU64::new(0),
         };
         agent.persist();
         agent
+    }
+
+    /// The registration as it is now, stamped for ordering (see [`NodeAgent::stamp`]).
+    pub fn stamped_registration(&self) -> (NodeRegistration, u64, u64) {
+        let inner = self.inner.lock().unwrap();
+        let seq = self
+            .sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        (inner.reg.clone(), self.start_ms, seq)
+    }
+
+    /// The version now, with this process's start time and the next sequence number, taken
+    /// together (an upgrade changes the version under the same lock): a replica that receives
+    /// an older report after a newer one ignores it.
+    pub fn stamp(&self) -> (String, u64, u64) {
+        let inner = self.inner.lock().unwrap();
+        let seq = self
+            .sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        (inner.reg.version.clone(), self.start_ms, seq)
     }
 
     /// The registration as it is now (the version follows upgrades).
@@ -284,40 +317,54 @@ impl NodeAgent {
             .extend(acks);
     }
 
-    /// Executes a command once (a repeated delivery is only acknowledged again).
-    pub async fn handle(&self, server: &str, cmd: &Command) {
-        let first = self
-            .inner
-            .lock()
-            .unwrap()
-            .seen
-            .insert((server.to_string(), cmd.id));
+    /// Executes a command once per `registry` (a repeated delivery, also from another replica
+    /// of the same registry, is acknowledged with the first result; while the first execution
+    /// runs, a repeated delivery is not acknowledged yet). `server` is the delivering replica.
+    pub async fn handle(&self, registry: &str, server: &str, cmd: &Command) {
+        let key = (registry.to_string(), cmd.id);
+        let earlier = {
+            let mut inner = self.inner.lock().unwrap();
+            match inner.seen.get(&key) {
+                None => {
+                    inner.seen.insert(key.clone(), None);
+                    None
+                }
+                Some(o) => Some(o.clone()),
+            }
+        };
         let kind = kind_name(cmd.kind);
-        let result: std::result::Result<(), String> = if !first {
-            Ok(())
-        } else {
-            tracing::info!(server, id = cmd.id, kind = %kind, argument = %cmd.argument, "lifecycle command");
-            match CommandKind::try_from(cmd.kind) {
-                Ok(CommandKind::Cordon) => {
-                    self.inner.lock().unwrap().file.cordoned = true;
-                    Ok(())
+        let first = earlier.is_none();
+        let result: std::result::Result<(), String> = match earlier {
+            // Still running (delivered by another replica): acknowledged on a later delivery.
+            Some(None) => return,
+            Some(Some(r)) => r,
+            None => {
+                tracing::info!(registry, server, id = cmd.id, kind = %kind, argument = %cmd.argument, "lifecycle command");
+                match CommandKind::try_from(cmd.kind) {
+                    Ok(CommandKind::Cordon) => {
+                        self.inner.lock().unwrap().file.cordoned = true;
+                        Ok(())
+                    }
+                    Ok(CommandKind::Uncordon) => {
+                        self.inner.lock().unwrap().file.cordoned = false;
+                        Ok(())
+                    }
+                    // The kubelet evicts the pods; the node only records the drain.
+                    Ok(CommandKind::Drain) | Ok(CommandKind::Reinstall) => Ok(()),
+                    Ok(CommandKind::Terminate) => {
+                        self.inner.lock().unwrap().file.terminated = true;
+                        Ok(())
+                    }
+                    Ok(CommandKind::Upgrade) => self.upgrade(&cmd.argument).await,
+                    _ => Err(format!("unknown command kind {}", cmd.kind)),
                 }
-                Ok(CommandKind::Uncordon) => {
-                    self.inner.lock().unwrap().file.cordoned = false;
-                    Ok(())
-                }
-                // The kubelet evicts the pods; the node only records the drain.
-                Ok(CommandKind::Drain) | Ok(CommandKind::Reinstall) => Ok(()),
-                Ok(CommandKind::Terminate) => {
-                    self.inner.lock().unwrap().file.terminated = true;
-                    Ok(())
-                }
-                Ok(CommandKind::Upgrade) => self.upgrade(&cmd.argument).await,
-                _ => Err(format!("unknown command kind {}", cmd.kind)),
             }
         };
         {
             let mut inner = self.inner.lock().unwrap();
+            if first {
+                inner.seen.insert(key, Some(result.clone()));
+            }
             inner
                 .acks
                 .entry(server.into())
@@ -481,13 +528,14 @@ mod tests {
             kind: CommandKind::Upgrade as i32,
             argument: "2.0".into(),
         };
-        n.handle("s1", &up).await;
-        n.handle("s1", &up).await;
+        n.handle("s1", "s1", &up).await;
+        n.handle("s1", "s1", &up).await;
         assert_eq!(n.version(), "2.0");
         let acks = n.take_acks("s1");
         assert_eq!(acks.len(), 2);
         assert!(acks.iter().all(|a| a.command_id == 7 && a.error.is_empty()));
         n.handle(
+            "s1",
             "s1",
             &Command {
                 id: 8,
@@ -506,7 +554,58 @@ mod tests {
             kind: CommandKind::Upgrade as i32,
             argument: String::new(),
         };
-        n.handle("s1", &bad).await;
+        n.handle("s1", "s1", &bad).await;
         assert!(!n.take_acks("s1").last().unwrap().error.is_empty());
+    }
+
+    #[tokio::test]
+    async fn replicas_of_one_registry_run_a_command_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("upgrades");
+        let reg = NodeRegistration {
+            node_name: "n1".into(),
+            instance_id: "i-1".into(),
+            version: "1.0".into(),
+            ..Default::default()
+        };
+        // The hook fails the first time it runs: every replica must hear that same failure.
+        let hook = format!(
+            "echo \"$BERTH_VERSION\" >> {l}; [ $(wc -l < {l}) -gt 1 ]",
+            l = log.display()
+        );
+        let n = std::sync::Arc::new(NodeAgent::new(reg, None, Some(hook)));
+        let up = Command {
+            id: 3,
+            kind: CommandKind::Upgrade as i32,
+            argument: "2.0".into(),
+        };
+        // Three replicas of one registry deliver command 3 at the same time.
+        let (a, b, c) = tokio::join!(
+            n.handle("reg-1", "cp-0", &up),
+            n.handle("reg-1", "cp-1", &up),
+            n.handle("reg-1", "cp-2", &up),
+        );
+        let _ = (a, b, c);
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+        // Deliveries during the run were not acknowledged; later ones get the first result.
+        for server in ["cp-0", "cp-1", "cp-2"] {
+            n.handle("reg-1", server, &up).await;
+        }
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+        for server in ["cp-0", "cp-1", "cp-2"] {
+            let acks = n.take_acks(server);
+            assert!(!acks.is_empty(), "{server} acknowledged");
+            assert!(
+                acks.iter()
+                    .all(|a| a.command_id == 3 && a.error.contains("upgrade hook failed")),
+                "{server}: {acks:?}"
+            );
+        }
+        assert_eq!(n.version(), "1.0");
+        // Another registry (a server without shared state) is its own scope.
+        n.handle("reg-2", "cp-9", &up).await;
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 2);
+        assert!(n.take_acks("cp-9")[0].error.is_empty());
+        assert_eq!(n.version(), "2.0");
     }
 }

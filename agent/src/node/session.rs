@@ -39,21 +39,35 @@ pub async fn run(node: Arc<NodeAgent>, channel: Channel, server_id: String, cfg:
     let mut client = NodeServiceClient::new(channel);
     let mut base: Option<Duration> = None;
     let mut next_sleep = Duration::ZERO;
+    // Commands are deduplicated per registry (replicas sharing one deliver the same commands).
+    let mut registry = server_id.clone();
     loop {
         if node.terminated() {
             tracing::info!(server = %server_id, "node terminated: no more heartbeats");
             return;
         }
         let Some(period) = base else {
-            let reg = node.registration();
+            let (reg, agent_start_ms, sequence) = node.stamped_registration();
             match client
-                .register(req(&cfg, RegisterRequest { node: Some(reg) }))
+                .register(req(
+                    &cfg,
+                    RegisterRequest {
+                        node: Some(reg),
+                        agent_start_ms,
+                        sequence,
+                    },
+                ))
                 .await
             {
                 Ok(resp) => {
                     let r = resp.into_inner();
                     tracing::info!(server = %server_id, state = %r.state, "node registered");
                     node.set_server_state(&server_id, &r.state);
+                    registry = if r.registry_id.is_empty() {
+                        server_id.clone()
+                    } else {
+                        r.registry_id.clone()
+                    };
                     let hint = (r.heartbeat_interval_ms > 0)
                         .then(|| Duration::from_millis(r.heartbeat_interval_ms));
                     base = Some(cfg.heartbeat.or(hint).unwrap_or(Duration::from_secs(10)));
@@ -72,12 +86,15 @@ pub async fn run(node: Arc<NodeAgent>, channel: Channel, server_id: String, cfg:
         let conditions = super::conditions::probe(&cfg.probes).await;
         node.set_conditions(&conditions);
         let acks = node.take_acks(&server_id);
+        let (version, agent_start_ms, sequence) = node.stamp();
         let hb = HeartbeatRequest {
             instance_id: node.registration().instance_id,
             conditions,
-            version: node.version(),
+            version,
             acks: acks.clone(),
             shutting_down: cfg.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
+            agent_start_ms,
+            sequence,
         };
         match client.heartbeat(req(&cfg, hb)).await {
             Ok(resp) => {
@@ -89,7 +106,7 @@ pub async fn run(node: Arc<NodeAgent>, channel: Channel, server_id: String, cfg:
                 }
                 node.set_server_state(&server_id, &r.state);
                 for cmd in &r.commands {
-                    node.handle(&server_id, cmd).await;
+                    node.handle(&registry, &server_id, cmd).await;
                 }
                 if !r.commands.is_empty() {
                     // Acknowledge promptly.

@@ -1,134 +1,149 @@
-//! The node registry and lifecycle controller: registrations, heartbeats, NotReady detection,
-//! auto-healing, drains (PodDisruptionBudgets respected up to the drain timeout, then forced),
-//! in-place and rolling upgrades. The pure decisions live in [`super::machine`]; this module
-//! keeps the state, the clock and the commands queued for the agents.
+//! The node registry of one control-plane replica over a shared [`Store`] (etcd, or the in-memory
+//! store for a single replica).
+//!
+//! * Any replica accepts registrations, heartbeats and admin requests: it reads its copy of the
+//!   store ([`Cache`]), lets the [`Model`] decide, and commits the changed keys in one
+//!   compare-and-swap transaction on their revisions (a conflict re-reads and retries), so
+//!   concurrent replicas never overwrite each other. A heartbeat that changes nothing writes
+//!   nothing: liveness reaches the store through each replica's periodic report.
+//! * One replica is the leader (a lease-bound key, see [`LeaderRecord`]); only it runs the
+//!   lifecycle controller (NotReady timers, auto-healing, drains, upgrades). Each of its
+//!   transactions requires its term's leader key (a leader whose lease expired is fenced off)
+//!   and that nothing it read changed meanwhile. Every timer runs on stored timestamps, so a new
+//!   leader continues exactly where the last one stopped.
+//! * When the store is unreachable the replica keeps serving tunnels and answers heartbeats
+//!   from its copy; writes fail (nothing is queued), and the leader pauses its decisions and
+//!   says so in its status and logs until the store answers again.
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
-use berth_proto::node::{
-    Command, CommandAck, CommandKind, HeartbeatRequest, HeartbeatResponse, NodeRegistration,
-    RegisterRequest, RegisterResponse,
-};
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use berth_proto::node::{HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
 
-use super::machine::{
-    self, Heal, InPlaceStep, NodeState, NodeView, Pdb, Plan, Pod, Timers, eviction_allowed,
+pub use super::state::{
+    CommandRecord, EventRecord as Event, ProvisionRecord, ProvisionRequest, Strategy,
+    UpgradeRequest,
+};
+use super::{
+    cache::{Cache, CacheHealth},
+    machine::{NodeState, Pdb, Plan, Pod, Timers},
+    model::{Liveness, Model, Scope},
+    state::{EventBatch, Keys, LeaderRecord, MetaRecord, ReplicaReport, encode, now_ms},
+    store::{Compare, Op, Store, Txn, TxnOutcome},
 };
 use crate::{Error, Result};
 
-/// Something the cloud must do for the lifecycle controller (Nova rebuild, delete, create).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum ProvisionRequest {
-    /// Reinstall the instance in place (Free plan auto-heal): same instance ID and node name.
-    Reinstall {
-        instance_id: String,
-        node_name: String,
-    },
-    /// Delete the instance (Standard plan auto-heal, rolling upgrade).
-    Delete {
-        instance_id: String,
-        node_name: String,
-    },
-    /// Create a node in `pool` at `version` (Standard plan auto-heal, rolling upgrade surge).
-    Create {
-        instance_id: String,
-        node_name: String,
-        pool: String,
-        flavor: String,
-        zone: String,
-        version: String,
-        reason: String,
-    },
+/// Event batches kept in the store (the leader deletes older ones).
+const MAX_EVENT_BATCHES: usize = 1000;
+/// Attempts of one change against concurrent writers.
+const ATTEMPTS: usize = 8;
+
+/// Lifecycle controller configuration.
+#[derive(Clone, Debug)]
+pub struct LifecycleConfig {
+    pub plan: Plan,
+    pub timers: Timers,
+    pub server_id: String,
+    /// Take part in the leader election (run the lifecycle controller when elected).
+    pub controller: bool,
+    /// TTL of this replica's lease (leadership and liveness report), in seconds; a dead leader
+    /// is replaced about this long after its last renewal.
+    pub lease_ttl_secs: i64,
+    /// This cluster's key prefix in the store.
+    pub prefix: String,
 }
 
-/// Upgrade strategy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "strategy", rename_all = "snake_case")]
-pub enum Strategy {
-    /// Cordon, drain, upgrade components, uncordon; strictly one node at a time.
-    InPlace,
-    /// New nodes first: at most `max_surge` extra nodes, at most `max_unavailable` missing.
-    Rolling {
-        max_surge: usize,
-        max_unavailable: usize,
-    },
+impl LifecycleConfig {
+    /// How often a replica flushes the heartbeats it received (its report).
+    pub fn report_interval(&self) -> Duration {
+        (self.timers.heartbeat_grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.lease_ttl_secs.max(1) as u64 * 1000
+    }
 }
 
-/// An upgrade request (admin API).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct UpgradeRequest {
-    pub pool: String,
-    pub version: String,
-    #[serde(flatten)]
-    pub strategy: Strategy,
+/// Counters of this replica (benchmark, status).
+#[derive(Debug, Default, Serialize)]
+pub struct Metrics {
+    pub heartbeats: AtomicU64,
+    /// Heartbeats that had something to write.
+    pub heartbeat_writes: AtomicU64,
+    pub commits: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub reports: AtomicU64,
 }
 
-/// A command sent to a node and whether it was acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Disabled,
+    Follower,
+    Leader { term: i64 },
+}
+
+struct Session {
+    lease: i64,
+    lease_ok_ms: u64,
+    role: Role,
+    paused: Option<String>,
+    last_commit_rev: i64,
+    conflicts: u32,
+    /// Provisioning requests this process already handed out.
+    dispatched: HashSet<String>,
+    reported_role: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StoreHealth {
+    pub reachable: bool,
+    pub since_ms: u64,
+    pub last_error: Option<String>,
+}
+
+/// The store as this replica sees it.
 #[derive(Clone, Debug, Serialize)]
-pub struct CommandRecord {
-    pub id: u64,
-    pub kind: String,
-    pub argument: String,
-    pub acked: bool,
-    pub error: Option<String>,
+pub struct StoreStatus {
+    pub backend: String,
+    pub shared: bool,
+    pub prefix: String,
+    pub registry_id: Option<String>,
+    pub revision: i64,
+    pub reachable: bool,
+    pub unreachable_since_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub copy: CacheHealth,
+    pub undecodable: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum AfterDrain {
-    Nothing,
-    Upgrade(String),
-    Terminate,
-}
-
-#[derive(Clone, Debug)]
-struct DrainOp {
-    started: Instant,
-    then: AfterDrain,
-    blocked_by: Option<String>,
-}
-
-#[derive(Clone, Debug)]
-struct Record {
-    reg: NodeRegistration,
-    state: NodeState,
-    reason: String,
-    cordoned: bool,
-    version: String,
-    last_heartbeat: Instant,
-    not_ready_since: Option<Instant>,
-    conditions: Vec<(String, bool, String)>,
-    commands: Vec<CommandRecord>,
-    reinstalls: u32,
-    drain: Option<DrainOp>,
-    /// Waiting for the agent to come back at this version (in-place upgrade).
-    upgrading_to: Option<String>,
-    heals: u32,
-}
-
-#[derive(Clone, Debug)]
-struct UpgradeOp {
-    req: UpgradeRequest,
-    desired: usize,
-    /// Instance IDs requested from the provisioner and not registered yet.
-    creating: Vec<String>,
-    /// Node being upgraded in place.
-    current: Option<String>,
-    done: bool,
-    /// Why the rollout stopped early (a node failed its upgrade).
-    failed: Option<String>,
-}
-
-/// One line of the controller's history.
+/// The lifecycle controller as this replica sees it.
 #[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    pub unix_ms: u128,
-    pub node: String,
-    pub message: String,
+pub struct ControllerStatus {
+    pub server_id: String,
+    /// `leader`, `follower` or `disabled` (`--no-lifecycle-controller`).
+    pub role: String,
+    /// The elected replica (from the store).
+    pub leader: Option<String>,
+    pub term: Option<i64>,
+    /// Why this leader makes no lifecycle decisions right now.
+    pub paused: Option<String>,
+    pub lease_ttl_secs: i64,
+}
+
+/// A replica known from its report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaStatus {
+    pub server_id: String,
+    pub role: String,
+    pub report_age_ms: u64,
+    pub nodes_heard: usize,
 }
 
 /// Status view of one node.
@@ -143,8 +158,10 @@ pub struct NodeStatus {
     pub reason: String,
     pub cordoned: bool,
     pub version: String,
-    pub last_heartbeat_ms_ago: u128,
+    pub last_heartbeat_ms_ago: u64,
+    pub not_ready_since_ms: Option<u64>,
     pub reinstalls: u32,
+    pub heals: u32,
     pub conditions: BTreeMap<String, bool>,
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<String>,
@@ -156,20 +173,6 @@ pub struct NodeStatus {
     pub pending_commands: Vec<CommandRecord>,
     pub last_commands: Vec<CommandRecord>,
     pub draining: Option<String>,
-}
-
-/// Status view of the whole registry.
-#[derive(Clone, Debug, Serialize)]
-pub struct RegistryStatus {
-    pub plan: Plan,
-    pub nodes: Vec<NodeStatus>,
-    pub pods: Vec<Pod>,
-    pub pdbs: Vec<Pdb>,
-    pub upgrade: Option<UpgradeStatus>,
-    pub pending_actions: Vec<ProvisionRequest>,
-    /// Highest number of nodes ever upgrading in place at the same time (must stay ≤ 1).
-    pub max_concurrent_in_place: usize,
-    pub events: Vec<Event>,
 }
 
 /// Status of the running or last upgrade.
@@ -185,175 +188,351 @@ pub struct UpgradeStatus {
     pub creating: Vec<String>,
 }
 
-struct Inner {
-    nodes: BTreeMap<String, Record>,
-    pods: Vec<Pod>,
-    pdbs: Vec<Pdb>,
-    pod_pending_since: HashMap<(String, String), Instant>,
-    next_command: u64,
-    upgrade: Option<UpgradeOp>,
-    pending: Vec<ProvisionRequest>,
-    events: Vec<Event>,
-    max_concurrent_in_place: usize,
-    next_node: u64,
-}
-
-/// Lifecycle controller configuration.
-#[derive(Clone, Debug)]
-pub struct LifecycleConfig {
+/// Status view of the whole registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegistryStatus {
     pub plan: Plan,
-    pub timers: Timers,
-    pub server_id: String,
+    pub store: StoreStatus,
+    pub controller: ControllerStatus,
+    pub replicas: Vec<ReplicaStatus>,
+    pub nodes: Vec<NodeStatus>,
+    pub pods: Vec<Pod>,
+    pub pdbs: Vec<Pdb>,
+    pub upgrade: Option<UpgradeStatus>,
+    pub pending_actions: Vec<ProvisionRequest>,
+    pub provisions: Vec<ProvisionRecord>,
+    /// Highest number of nodes upgrading in place at the same time in the current or last
+    /// upgrade (must stay ≤ 1).
+    pub max_concurrent_in_place: usize,
+    /// The stored history, oldest first.
+    pub events: Vec<Event>,
 }
 
-/// The node registry.
+/// The node registry (see the module documentation).
 pub struct Registry {
     pub config: LifecycleConfig,
-    inner: Mutex<Inner>,
-    provision: mpsc::UnboundedSender<ProvisionRequest>,
+    store: Arc<dyn Store>,
+    keys: Keys,
+    cache: Arc<Cache>,
+    provision: mpsc::UnboundedSender<ProvisionRecord>,
+    started_ms: u64,
+    /// Instance ID → last heartbeat this replica received.
+    seen: Mutex<HashMap<String, u64>>,
+    session: Mutex<Session>,
+    health: Mutex<StoreHealth>,
+    pub metrics: Metrics,
 }
 
-fn unix_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn kind_name(kind: CommandKind) -> &'static str {
-    match kind {
-        CommandKind::Cordon => "cordon",
-        CommandKind::Uncordon => "uncordon",
-        CommandKind::Drain => "drain",
-        CommandKind::Upgrade => "upgrade",
-        CommandKind::Reinstall => "reinstall",
-        CommandKind::Terminate => "terminate",
-        CommandKind::Unspecified => "unspecified",
+/// Keys a change compared by revision (re-read after a conflict).
+fn compared_keys(compares: &[Compare]) -> (Vec<String>, bool) {
+    let mut keys = Vec::new();
+    let mut prefix = false;
+    for c in compares {
+        match c {
+            Compare::ModRevision { key, .. } | Compare::CreateRevision { key, .. } => {
+                keys.push(key.clone())
+            }
+            Compare::PrefixUnchangedSince { .. } => prefix = true,
+        }
     }
+    (keys, prefix)
 }
 
-fn kind_of(name: &str) -> CommandKind {
-    match name {
-        "cordon" => CommandKind::Cordon,
-        "uncordon" => CommandKind::Uncordon,
-        "drain" => CommandKind::Drain,
-        "upgrade" => CommandKind::Upgrade,
-        "reinstall" => CommandKind::Reinstall,
-        "terminate" => CommandKind::Terminate,
-        _ => CommandKind::Unspecified,
+impl Registry {
+    /// A registry over `store`; decided provisioning requests go to `provision` (the binary runs
+    /// the hook on them; tests play the cloud). Nothing runs until [`Registry::run`].
+    pub fn new(
+        config: LifecycleConfig,
+        store: Arc<dyn Store>,
+        provision: mpsc::UnboundedSender<ProvisionRecord>,
+    ) -> Arc<Self> {
+        let keys = Keys::new(&config.prefix);
+        let role = if config.controller {
+            Role::Follower
+        } else {
+            Role::Disabled
+        };
+        Arc::new(Self {
+            cache: Arc::new(Cache::new(keys.clone())),
+            keys,
+            store,
+            provision,
+            started_ms: now_ms(),
+            seen: Mutex::new(HashMap::new()),
+            session: Mutex::new(Session {
+                lease: 0,
+                lease_ok_ms: 0,
+                role,
+                paused: None,
+                last_commit_rev: 0,
+                conflicts: 0,
+                dispatched: HashSet::new(),
+                reported_role: String::new(),
+            }),
+            health: Mutex::new(StoreHealth::default()),
+            metrics: Metrics::default(),
+            config,
+        })
     }
-}
 
-impl Inner {
-    fn event(&mut self, node: &str, message: String) {
-        tracing::info!(node, "{message}");
-        self.events.push(Event {
-            unix_ms: unix_ms(),
-            node: node.to_string(),
-            message,
-        });
-        if self.events.len() > 1000 {
-            self.events.drain(..200);
+    /// The store behind this registry.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn note<T>(&self, r: &Result<T>) {
+        let mut h = lock(&self.health);
+        match r {
+            Ok(_) => {
+                if !h.reachable {
+                    if h.since_ms != 0 {
+                        tracing::info!(store = %self.store.describe(), "registry store reachable again");
+                    }
+                    h.reachable = true;
+                    h.since_ms = now_ms();
+                }
+            }
+            Err(Error::Store(e)) => {
+                if h.reachable || h.since_ms == 0 {
+                    tracing::warn!(store = %self.store.describe(), "registry store unreachable: {e}");
+                    h.reachable = false;
+                    h.since_ms = now_ms();
+                }
+                h.last_error = Some(e.clone());
+            }
+            Err(_) => {}
         }
     }
 
-    fn command(&mut self, id: &str, kind: CommandKind, argument: &str) {
-        self.next_command += 1;
-        let cid = self.next_command;
-        if let Some(r) = self.nodes.get_mut(id) {
-            r.commands.push(CommandRecord {
-                id: cid,
-                kind: kind_name(kind).into(),
-                argument: argument.into(),
-                acked: false,
-                error: None,
-            });
-            if r.commands.len() > 50 {
-                r.commands.remove(0);
+    /// Follows the store (loads it, then watches) until `shutdown` changes.
+    pub fn follow(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.cache.clone().run(self.store.clone(), shutdown))
+    }
+
+    /// Waits (bounded) until this replica's copy of the store is loaded.
+    pub async fn wait_loaded(&self, limit: Duration) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < end {
+            if self.cache.read(|s| s.loaded) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Runs the replica until `shutdown` changes: follows the store, keeps its lease, reports
+    /// the heartbeats it received, and campaigns for and exercises leadership. On a graceful
+    /// stop the lease is revoked, so another replica takes over at once.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let cache = self.follow(shutdown.clone());
+        let every = |period: Duration, f: fn(Arc<Registry>) -> futures_step::Step| {
+            let me = self.clone();
+            let mut sd = shutdown.clone();
+            tokio::spawn(async move {
+                let mut iv = tokio::time::interval(period);
+                iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = iv.tick() => f(me.clone()).await,
+                        _ = sd.changed() => return,
+                    }
+                }
+            })
+        };
+        let keepalive = Duration::from_millis(self.config.lease_ms() / 3);
+        let tasks = [
+            every(keepalive.max(Duration::from_millis(100)), |r| {
+                Box::pin(async move { r.session_step().await })
+            }),
+            every(self.config.report_interval(), |r| {
+                Box::pin(async move { r.report_step().await })
+            }),
+            every(self.config.timers.tick, |r| {
+                Box::pin(async move {
+                    if let Err(e) = r.controller_step().await {
+                        tracing::debug!("controller pass: {e}");
+                    }
+                })
+            }),
+        ];
+        let mut sd = shutdown.clone();
+        let _ = sd.wait_for(|s| *s).await;
+        for t in tasks {
+            let _ = t.await;
+        }
+        let lease = lock(&self.session).lease;
+        if lease != 0 {
+            match tokio::time::timeout(Duration::from_secs(2), self.store.revoke(lease)).await {
+                Ok(Ok(())) => tracing::info!("lease revoked: another replica can lead at once"),
+                _ => tracing::warn!("could not revoke the lease; it expires by itself"),
+            }
+        }
+        let _ = cache.await;
+    }
+
+    /// Creates the registry's identity once (first replica) and returns it.
+    async fn registry_id(&self) -> Result<String> {
+        if let Some(m) = self.cache.read(|s| s.meta.clone()) {
+            return Ok(m.value.registry_id);
+        }
+        let key = self.keys.meta();
+        let meta = MetaRecord {
+            registry_id: uuid::Uuid::new_v4().to_string(),
+            created_ms: now_ms(),
+            created_by: self.config.server_id.clone(),
+        };
+        let ops = vec![Op::Put {
+            key: key.clone(),
+            value: encode(&meta),
+            lease: 0,
+        }];
+        let r = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::CreateRevision {
+                    key: key.clone(),
+                    rev: 0,
+                }],
+                ops: ops.clone(),
+            })
+            .await;
+        self.note(&r);
+        match r? {
+            TxnOutcome::Committed(rev) => {
+                self.cache.apply_own(&ops, rev);
+                tracing::info!(registry_id = %meta.registry_id, "registry created");
+                Ok(meta.registry_id)
+            }
+            TxnOutcome::Conflict(_) => {
+                let kv = self.store.get(&key).await;
+                self.note(&kv);
+                self.cache.apply_read(&key, kv?.as_ref());
+                self.cache
+                    .read(|s| s.meta.clone())
+                    .map(|m| m.value.registry_id)
+                    .ok_or_else(|| Error::Store("registry identity unreadable".into()))
             }
         }
     }
 
-    fn set_state(&mut self, id: &str, state: NodeState, reason: &str) {
-        let Some(r) = self.nodes.get_mut(id) else {
-            return;
-        };
-        if r.state == state {
-            return;
+    fn loaded(&self) -> Result<()> {
+        if self.cache.read(|s| s.loaded) {
+            Ok(())
+        } else {
+            Err(Error::Store(format!(
+                "registry not loaded yet from {}",
+                self.store.describe()
+            )))
         }
-        let name = r.reg.node_name.clone();
-        let from = r.state;
-        r.state = state;
-        r.reason = reason.to_string();
-        r.not_ready_since = (state == NodeState::NotReady).then(Instant::now);
-        self.event(
-            &name,
-            format!("{} -> {} ({reason})", from.as_str(), state.as_str()),
-        );
     }
 
-    fn views(&self, pool: &str) -> Vec<NodeView> {
-        self.nodes
-            .iter()
-            .filter(|(_, r)| r.reg.node_pool == pool)
-            .map(|(id, r)| NodeView {
-                id: id.clone(),
-                state: r.state,
-                version: r.version.clone(),
-                cordoned: r.cordoned,
+    /// Commits a change (`fence`: the leader's term, required to still hold).
+    async fn commit(
+        &self,
+        mut compares: Vec<Compare>,
+        ops: Vec<Op>,
+        fence: Option<i64>,
+    ) -> Result<TxnOutcome> {
+        if let Some(term) = fence {
+            compares.push(Compare::CreateRevision {
+                key: self.keys.leader(),
+                rev: term,
+            });
+        }
+        let r = self
+            .store
+            .txn(Txn {
+                compares,
+                ops: ops.clone(),
             })
-            .collect()
+            .await;
+        self.note(&r);
+        match r? {
+            TxnOutcome::Committed(rev) => {
+                self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+                self.cache.apply_own(&ops, rev);
+                let mut s = lock(&self.session);
+                s.last_commit_rev = s.last_commit_rev.max(rev);
+                Ok(TxnOutcome::Committed(rev))
+            }
+            TxnOutcome::Conflict(rev) => {
+                self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                Ok(TxnOutcome::Conflict(rev))
+            }
+        }
     }
 
-    fn start_drain(&mut self, id: &str, then: AfterDrain) {
-        let Some(r) = self.nodes.get_mut(id) else {
-            return;
-        };
-        r.cordoned = true;
-        r.drain = Some(DrainOp {
-            started: Instant::now(),
-            then: then.clone(),
-            blocked_by: None,
-        });
-        let name = r.reg.node_name.clone();
-        self.command(id, CommandKind::Cordon, "");
-        self.command(id, CommandKind::Drain, &format!("{then:?}"));
-        self.set_state(id, NodeState::Draining, "drain requested");
-        self.event(&name, format!("drain started (then {then:?})"));
-    }
-}
-
-impl Registry {
-    /// Creates a registry; provisioning requests go to `provision`.
-    pub fn new(
-        config: LifecycleConfig,
-        provision: mpsc::UnboundedSender<ProvisionRequest>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            config,
-            inner: Mutex::new(Inner {
-                nodes: BTreeMap::new(),
-                pods: Vec::new(),
-                pdbs: Vec::new(),
-                pod_pending_since: HashMap::new(),
-                next_command: 0,
-                upgrade: None,
-                pending: Vec::new(),
-                events: Vec::new(),
-                max_concurrent_in_place: 0,
-                next_node: 1,
-            }),
-            provision,
-        })
+    /// After a conflict: re-reads the compared keys (or waits for the copy to move on, for a
+    /// change that read everything).
+    async fn catch_up(&self, compares: &[Compare], read_rev: i64) -> Result<()> {
+        let (keys, prefix) = compared_keys(compares);
+        if prefix {
+            if !self
+                .cache
+                .wait_past(read_rev, Duration::from_millis(500))
+                .await
+            {
+                let r = self.cache.reload(self.store.as_ref()).await;
+                self.note(&r);
+                r?;
+            }
+            return Ok(());
+        }
+        for key in keys {
+            let kv = self.store.get(&key).await;
+            self.note(&kv);
+            self.cache.apply_read(&key, kv?.as_ref());
+        }
+        Ok(())
     }
 
-    fn provision(&self, inner: &mut Inner, req: ProvisionRequest) {
-        inner.pending.push(req.clone());
-        let _ = self.provision.send(req);
+    /// Reads, decides and commits one change, retrying on conflicts.
+    async fn change<R>(
+        &self,
+        scope: Scope<'_>,
+        mut f: impl FnMut(&mut Model) -> Result<R>,
+    ) -> Result<R> {
+        self.loaded()?;
+        for _ in 0..ATTEMPTS {
+            let (mut m, rev) = self.cache.read(|s| {
+                (
+                    Model::read(
+                        s,
+                        scope,
+                        now_ms(),
+                        &self.config.server_id,
+                        self.config.plan,
+                        &self.config.timers,
+                    ),
+                    s.known_rev,
+                )
+            });
+            let out = f(&mut m)?;
+            let (compares, ops) = m.diff(&self.keys, rev);
+            if ops.is_empty() {
+                return Ok(out);
+            }
+            match self.commit(compares.clone(), ops, None).await? {
+                TxnOutcome::Committed(_) => return Ok(out),
+                TxnOutcome::Conflict(_) => self.catch_up(&compares, rev).await?,
+            }
+        }
+        Err(Error::Store(
+            "too many concurrent updates of the same state; try again".into(),
+        ))
     }
 
-    /// Handles a registration.
-    pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
+    /// Handles a registration (idempotent per instance ID).
+    pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
+        let order = (req.agent_start_ms, req.sequence);
         let reg = req
             .node
             .ok_or_else(|| Error::Lifecycle("registration without node".into()))?;
@@ -362,582 +541,567 @@ impl Registry {
                 "registration needs instance_id and node_name".into(),
             ));
         }
-        let mut inner = self.inner.lock().unwrap();
+        self.loaded()?;
+        let registry_id = self.registry_id().await?;
         let id = reg.instance_id.clone();
-        let name = reg.node_name.clone();
-        // Fulfilled provisioning requests leave the pending list.
-        inner.pending.retain(|p| match p {
-            ProvisionRequest::Create { instance_id, .. }
-            | ProvisionRequest::Reinstall { instance_id, .. } => *instance_id != id,
-            ProvisionRequest::Delete { .. } => true,
-        });
-        if let Some(up) = inner.upgrade.as_mut() {
-            up.creating.retain(|c| *c != id);
-        }
-        let state = match inner.nodes.get_mut(&id) {
-            Some(r) if r.state == NodeState::Terminated => {
-                return Err(Error::Lifecycle(format!(
-                    "instance {id} was terminated and cannot register again"
-                )));
-            }
-            Some(r) => {
-                r.version = reg.version.clone();
-                r.reg = reg;
-                r.last_heartbeat = Instant::now();
-                let s = r.state;
-                if s == NodeState::NotReady {
-                    inner.set_state(&id, NodeState::Installing, "registered again");
-                }
-                inner.event(&name, "registered again".into());
-                inner.nodes[&id].state
-            }
-            None => {
-                inner.nodes.insert(
-                    id.clone(),
-                    Record {
-                        version: reg.version.clone(),
-                        reg,
-                        state: NodeState::Installing,
-                        reason: "registered".into(),
-                        cordoned: false,
-                        last_heartbeat: Instant::now(),
-                        not_ready_since: None,
-                        conditions: Vec::new(),
-                        commands: Vec::new(),
-                        reinstalls: 0,
-                        drain: None,
-                        upgrading_to: None,
-                        heals: 0,
-                    },
-                );
-                inner.event(&name, format!("registered (instance {id})"));
-                NodeState::Installing
-            }
-        };
+        let reg: super::state::Registration = reg.into();
+        let state = self
+            .change(Scope::Node(&id), |m| m.register(reg.clone(), order))
+            .await?;
+        lock(&self.seen).insert(id, now_ms());
         Ok(RegisterResponse {
             state: state.as_str().into(),
             heartbeat_interval_ms: self.config.timers.heartbeat_interval.as_millis() as u64,
             server_id: self.config.server_id.clone(),
+            registry_id,
         })
     }
 
-    /// Handles a heartbeat: records conditions and acknowledgements, moves the state, returns
-    /// the unacknowledged commands.
-    pub fn heartbeat(&self, hb: HeartbeatRequest) -> HeartbeatResponse {
-        let mut inner = self.inner.lock().unwrap();
+    /// Handles a heartbeat: records conditions and acknowledgements (written only when they
+    /// change something), moves the state, returns the unacknowledged commands.
+    pub async fn heartbeat(&self, hb: HeartbeatRequest) -> Result<HeartbeatResponse> {
+        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.loaded()?;
         let id = hb.instance_id.clone();
-        let Some(r) = inner.nodes.get_mut(&id) else {
-            return HeartbeatResponse {
-                state: String::new(),
-                commands: Vec::new(),
-                known: false,
-            };
-        };
-        r.last_heartbeat = Instant::now();
-        r.conditions = hb
-            .conditions
-            .iter()
-            .map(|c| (c.r#type.clone(), c.status, c.message.clone()))
-            .collect();
-        let old_version = std::mem::replace(&mut r.version, hb.version.clone());
-        let mut upgrade_failed = None;
-        for CommandAck { command_id, error } in &hb.acks {
-            if let Some(c) = r
-                .commands
-                .iter_mut()
-                .find(|c| c.id == *command_id && !c.acked)
-            {
-                c.acked = true;
-                c.error = (!error.is_empty()).then(|| error.clone());
-                if c.kind == "upgrade" && !error.is_empty() {
-                    upgrade_failed = Some(error.clone());
-                }
-            }
-        }
-        if upgrade_failed.is_some() {
-            // The node keeps its version and stays cordoned; it returns to service as it is.
-            r.upgrading_to = None;
-        }
-        let name = r.reg.node_name.clone();
-        if let Some(err) = upgrade_failed {
-            inner.event(&name, format!("upgrade failed: {err}"));
-            if let Some(up) = inner.upgrade.as_mut()
-                && !up.done
-            {
-                up.done = true;
-                up.current = None;
-                up.failed = Some(format!("{name}: {err}"));
-            }
-        }
-        let r = inner.nodes.get_mut(&id).expect("present");
-        let state = r.state;
-        let health = machine::health(&r.conditions);
-        // An in-place upgrade holds the node in Installing until it reports the new version.
-        let waiting_upgrade = r.upgrading_to.as_ref().is_some_and(|v| *v != hb.version);
-        if old_version != hb.version {
-            inner.event(&name, format!("version {old_version} -> {}", hb.version));
-        }
-        let next = if waiting_upgrade {
-            state
-        } else {
-            machine::on_heartbeat(state, &health)
-        };
-        if next != state {
-            let reason = match &health {
-                Ok(()) => "heartbeat healthy".to_string(),
-                Err(e) => e.clone(),
-            };
-            inner.set_state(&id, next, &reason);
-        }
-        let r = &inner.nodes[&id];
-        HeartbeatResponse {
-            state: r.state.as_str().into(),
-            commands: r
-                .commands
-                .iter()
-                .filter(|c| !c.acked)
-                .map(|c| Command {
-                    id: c.id,
-                    kind: kind_of(&c.kind) as i32,
-                    argument: c.argument.clone(),
+        let mut fetched = false;
+        for _ in 0..ATTEMPTS {
+            let read = self.cache.read(|s| {
+                s.nodes.contains_key(&id).then(|| {
+                    (
+                        Model::read(
+                            s,
+                            Scope::Node(&id),
+                            now_ms(),
+                            &self.config.server_id,
+                            self.config.plan,
+                            &self.config.timers,
+                        ),
+                        s.known_rev,
+                    )
                 })
-                .collect(),
-            known: true,
+            });
+            let Some((mut m, rev)) = read else {
+                // Maybe registered through another replica a moment ago.
+                if !fetched {
+                    fetched = true;
+                    let key = self.keys.node(&id);
+                    let kv = self.store.get(&key).await;
+                    self.note(&kv);
+                    let kv = kv?;
+                    self.cache.apply_read(&key, kv.as_ref());
+                    if kv.is_some() {
+                        continue;
+                    }
+                }
+                return Ok(HeartbeatResponse {
+                    state: String::new(),
+                    commands: Vec::new(),
+                    known: false,
+                });
+            };
+            lock(&self.seen).insert(id.clone(), m.now);
+            let resp = m.heartbeat(&hb).expect("known node");
+            let (compares, ops) = m.diff(&self.keys, rev);
+            if ops.is_empty() {
+                return Ok(resp);
+            }
+            self.metrics
+                .heartbeat_writes
+                .fetch_add(1, Ordering::Relaxed);
+            match self.commit(compares.clone(), ops, None).await? {
+                TxnOutcome::Committed(_) => return Ok(resp),
+                TxnOutcome::Conflict(_) => self.catch_up(&compares, rev).await?,
+            }
         }
+        Err(Error::Store(
+            "too many concurrent updates of this node; try again".into(),
+        ))
     }
 
     /// Replaces the workload model's pods (admin API).
-    pub fn set_pods(&self, pods: Vec<Pod>) {
-        self.inner.lock().unwrap().pods = pods;
+    pub async fn set_pods(&self, pods: Vec<Pod>) -> Result<()> {
+        self.change(Scope::Workload, |m| {
+            m.workload.pods = pods.clone();
+            Ok(())
+        })
+        .await
     }
 
     /// Replaces the PodDisruptionBudgets (admin API).
-    pub fn set_pdbs(&self, pdbs: Vec<Pdb>) {
-        self.inner.lock().unwrap().pdbs = pdbs;
+    pub async fn set_pdbs(&self, pdbs: Vec<Pdb>) -> Result<()> {
+        self.change(Scope::Workload, |m| {
+            m.workload.pdbs = pdbs.clone();
+            Ok(())
+        })
+        .await
     }
 
-    /// Finds a node by name or instance ID.
-    fn resolve(inner: &Inner, node: &str) -> Result<String> {
-        if inner.nodes.contains_key(node) {
-            return Ok(node.to_string());
-        }
-        inner
-            .nodes
-            .iter()
-            .filter(|(_, r)| r.reg.node_name == node && r.state != NodeState::Terminated)
-            .map(|(id, _)| id.clone())
-            .next()
-            .ok_or_else(|| Error::Lifecycle(format!("unknown node {node:?}")))
+    fn resolve(&self, node: &str) -> Result<String> {
+        self.loaded()?;
+        self.cache.read(|s| Model::resolve(s, node))
     }
 
-    /// Drains a node (and terminates it when `terminate`).
-    pub fn drain(&self, node: &str, terminate: bool) -> Result<()> {
-        let mut inner = self.inner.lock().unwrap();
-        let id = Self::resolve(&inner, node)?;
-        let then = if terminate {
-            AfterDrain::Terminate
-        } else {
-            AfterDrain::Nothing
-        };
-        inner.start_drain(&id, then);
-        Ok(())
+    /// Drains a node (and terminates it when `terminate`); the leader carries the drain on.
+    pub async fn drain(&self, node: &str, terminate: bool) -> Result<()> {
+        let id = self.resolve(node)?;
+        self.change(Scope::Node(&id), |m| {
+            m.drain(&id, terminate);
+            Ok(())
+        })
+        .await
     }
 
     /// Cordons or uncordons a node.
-    pub fn cordon(&self, node: &str, cordon: bool) -> Result<()> {
-        let mut inner = self.inner.lock().unwrap();
-        let id = Self::resolve(&inner, node)?;
-        inner.nodes.get_mut(&id).expect("resolved").cordoned = cordon;
-        let kind = if cordon {
-            CommandKind::Cordon
-        } else {
-            CommandKind::Uncordon
-        };
-        inner.command(&id, kind, "");
-        Ok(())
+    pub async fn cordon(&self, node: &str, cordon: bool) -> Result<()> {
+        let id = self.resolve(node)?;
+        self.change(Scope::Node(&id), |m| {
+            m.cordon(&id, cordon);
+            Ok(())
+        })
+        .await
     }
 
-    /// Starts an upgrade of a pool.
-    pub fn upgrade(&self, req: UpgradeRequest) -> Result<()> {
-        if let Strategy::Rolling {
-            max_surge: 0,
-            max_unavailable: 0,
-        } = req.strategy
-        {
-            return Err(Error::Lifecycle(
-                "maxSurge and maxUnavailable cannot both be 0".into(),
+    /// Starts an upgrade of a pool; the leader carries it out.
+    pub async fn upgrade(&self, req: UpgradeRequest) -> Result<()> {
+        self.change(Scope::All, |m| m.start_upgrade(req.clone()))
+            .await
+    }
+
+    /// The provisioner carried a request out (a hook that exited 0): a delete leaves the list
+    /// (creates and reinstalls leave it when the instance registers).
+    pub async fn provision_done(&self, id: &str) -> Result<()> {
+        let Some(p) = self.cache.read(|s| s.provisions.get(id).cloned()) else {
+            return Ok(());
+        };
+        if !matches!(p.value.request, ProvisionRequest::Delete { .. }) {
+            return Ok(());
+        }
+        let key = self.keys.provision(id);
+        self.commit(
+            vec![Compare::ModRevision {
+                key: key.clone(),
+                rev: p.mod_revision,
+            }],
+            vec![Op::Delete { key }],
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Keeps this replica's lease (one pass).
+    pub async fn session_step(&self) {
+        let lease = lock(&self.session).lease;
+        if lease == 0 {
+            let r = self.store.grant(self.config.lease_ttl_secs).await;
+            self.note(&r);
+            if let Ok(id) = r {
+                tracing::debug!(lease = format!("{id:x}"), "lease granted");
+                let mut s = lock(&self.session);
+                s.lease = id;
+                s.lease_ok_ms = now_ms();
+            }
+            return;
+        }
+        let r = self.store.keep_alive(lease).await;
+        self.note(&r);
+        match r {
+            Ok(true) => lock(&self.session).lease_ok_ms = now_ms(),
+            Ok(false) => {
+                let mut s = lock(&self.session);
+                s.lease = 0;
+                if let Role::Leader { term } = s.role {
+                    tracing::warn!(term, "lost leadership: the lease expired");
+                    s.role = Role::Follower;
+                    s.paused = None;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Writes this replica's report: the heartbeats it received (one pass).
+    pub async fn report_step(&self) {
+        let (lease, reported_role) = {
+            let s = lock(&self.session);
+            (s.lease, s.reported_role.clone())
+        };
+        if lease == 0 || !self.cache.read(|s| s.loaded) {
+            return;
+        }
+        let now = now_ms();
+        let grace = self.config.timers.heartbeat_grace.as_millis() as u64;
+        let known: HashSet<String> = self.cache.read(|s| s.nodes.keys().cloned().collect());
+        let heartbeats: BTreeMap<String, u64> = {
+            let mut seen = lock(&self.seen);
+            // Bounded by the registered nodes (and recent registrations).
+            seen.retain(|id, t| known.contains(id) || now.saturating_sub(*t) < 2 * grace);
+            seen.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        };
+        let role = self.role_name();
+        // With nodes registered, every report counts (it also vouches for silence).
+        if known.is_empty() && heartbeats.is_empty() && role == reported_role {
+            return;
+        }
+        let report = ReplicaReport {
+            server_id: self.config.server_id.clone(),
+            started_ms: self.started_ms,
+            written_ms: now,
+            heartbeats,
+            role: role.clone(),
+        };
+        let ops = vec![Op::Put {
+            key: self.keys.replica(&self.config.server_id),
+            value: encode(&report),
+            lease,
+        }];
+        match self.commit(Vec::new(), ops, None).await {
+            Ok(_) => {
+                self.metrics.reports.fetch_add(1, Ordering::Relaxed);
+                lock(&self.session).reported_role = role;
+            }
+            Err(Error::Store(e)) if e.contains("lease") && e.contains("not found") => {
+                lock(&self.session).lease = 0;
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn role_name(&self) -> String {
+        let s = lock(&self.session);
+        match (s.role, &s.paused) {
+            (Role::Disabled, _) => "disabled".into(),
+            (Role::Follower, _) => "follower".into(),
+            (Role::Leader { .. }, None) => "leader".into(),
+            (Role::Leader { .. }, Some(_)) => "leader (paused)".into(),
+        }
+    }
+
+    /// Why the leader must not decide now (it never acts on a copy it cannot trust).
+    fn pause_reason(&self) -> Option<String> {
+        let age = now_ms().saturating_sub(lock(&self.session).lease_ok_ms);
+        if age > self.config.lease_ms() / 2 {
+            let err = lock(&self.health).last_error.clone().unwrap_or_default();
+            return Some(format!(
+                "store unreachable: lease not renewed for {:.1} s ({err})",
+                age as f64 / 1000.0
             ));
         }
-        let mut inner = self.inner.lock().unwrap();
-        if inner.upgrade.as_ref().is_some_and(|u| !u.done) {
-            return Err(Error::Lifecycle("an upgrade is already running".into()));
+        let ch = self.cache.health();
+        if !ch.following {
+            return Some(format!(
+                "registry copy not following the store: {}",
+                ch.last_error.unwrap_or_default()
+            ));
         }
-        let desired = inner
-            .nodes
-            .values()
-            .filter(|r| r.reg.node_pool == req.pool && r.state != NodeState::Terminated)
-            .count();
-        if desired == 0 {
-            return Err(Error::Lifecycle(format!(
-                "pool {:?} has no nodes",
-                req.pool
-            )));
+        let bad: Vec<String> = self.cache.read(|s| s.undecodable.keys().cloned().collect());
+        if !bad.is_empty() {
+            return Some(format!(
+                "store holds values this binary cannot read: {}",
+                bad.join(", ")
+            ));
         }
-        inner.event(
-            &req.pool,
-            format!(
-                "upgrade of pool to {} started ({:?})",
-                req.version, req.strategy
-            ),
-        );
-        inner.upgrade = Some(UpgradeOp {
-            req,
-            desired,
-            creating: Vec::new(),
-            current: None,
-            done: false,
-            failed: None,
-        });
-        Ok(())
+        None
     }
 
-    fn new_node(
-        &self,
-        inner: &mut Inner,
-        template: &NodeRegistration,
-        version: &str,
-        reason: &str,
-    ) {
-        let n = inner.next_node;
-        inner.next_node += 1;
-        let instance_id = format!(
-            "{}-{n:04}-{}",
-            template.node_pool,
-            uuid::Uuid::new_v4().simple()
-        );
-        let node_name = format!("{}-node-{n:04}", template.node_pool);
-        inner.event(&node_name, format!("create requested ({reason})"));
-        if let Some(up) = inner.upgrade.as_mut()
-            && reason == "rolling upgrade"
-        {
-            up.creating.push(instance_id.clone());
+    /// Campaigns for leadership and, as the leader, runs one controller pass.
+    pub async fn controller_step(&self) -> Result<()> {
+        if !self.cache.read(|s| s.loaded) {
+            return Ok(());
         }
-        self.provision(
-            inner,
-            ProvisionRequest::Create {
-                instance_id,
-                node_name,
-                pool: template.node_pool.clone(),
-                flavor: template.flavor.clone(),
-                zone: template.zone.clone(),
-                version: version.to_string(),
-                reason: reason.to_string(),
-            },
-        );
-    }
-
-    fn terminate(&self, inner: &mut Inner, id: &str, reason: &str) {
-        let Some(r) = inner.nodes.get(id) else {
-            return;
+        if self.cache.read(|s| s.meta.is_none()) {
+            self.registry_id().await?;
+        }
+        let (lease, role) = {
+            let s = lock(&self.session);
+            (s.lease, s.role)
         };
-        let name = r.reg.node_name.clone();
-        inner.command(id, CommandKind::Terminate, reason);
-        inner.set_state(id, NodeState::Terminated, reason);
-        // Its pods go back to pending.
-        for p in inner
-            .pods
-            .iter_mut()
-            .filter(|p| p.node.as_deref() == Some(&name))
-        {
-            p.node = None;
-            p.ready = false;
+        if role == Role::Disabled || lease == 0 {
+            return Ok(());
         }
-        self.provision(
-            inner,
-            ProvisionRequest::Delete {
-                instance_id: id.to_string(),
-                node_name: name,
+        let (leader, known_rev) = self.cache.read(|s| (s.leader.clone(), s.known_rev));
+        let me = &self.config.server_id;
+        let role = match (leader, role) {
+            // Just elected; the copy has not seen it yet.
+            (_, Role::Leader { term }) if known_rev < term => role,
+            (None, _) => self.campaign(lease).await?,
+            (Some(l), _) if l.value.server_id == *me && l.value.lease == lease => Role::Leader {
+                term: l.create_revision,
             },
-        );
-    }
-
-    /// One controller pass: timers, auto-healing, drains, upgrades, the pod scheduler.
-    pub fn tick(&self) {
-        let now = Instant::now();
-        let timers = self.config.timers.clone();
-        let mut inner = self.inner.lock().unwrap();
-        // 1. heartbeats, NotReady, auto-heal
-        let ids: Vec<String> = inner.nodes.keys().cloned().collect();
-        for id in &ids {
-            let r = &inner.nodes[id];
-            if r.state == NodeState::Terminated {
-                continue;
+            (Some(l), _) if l.value.server_id == *me => {
+                // An earlier incarnation of this replica: its lease would only delay the election.
+                tracing::info!(
+                    lease = format!("{:x}", l.value.lease),
+                    "revoking the lease of this replica's previous run"
+                );
+                let r = self.store.revoke(l.value.lease).await;
+                self.note(&r);
+                Role::Follower
             }
-            let since = now.saturating_duration_since(r.last_heartbeat);
-            let nr_for = r.not_ready_since.map(|t| now.saturating_duration_since(t));
-            let out = machine::on_tick(r.state, since, nr_for, &timers, self.config.plan);
-            if out.state != r.state {
-                inner.set_state(id, out.state, "heartbeats lost");
-            }
-            match out.heal {
-                None => {}
-                Some(Heal::ReinstallInPlace) => {
-                    let r = inner.nodes.get_mut(id).expect("present");
-                    r.reinstalls += 1;
-                    r.heals += 1;
-                    r.last_heartbeat = now;
-                    let name = r.reg.node_name.clone();
-                    inner.command(id, CommandKind::Reinstall, "auto-heal");
-                    inner.set_state(id, NodeState::Installing, "auto-heal: reinstall in place");
-                    self.provision(
-                        &mut inner,
-                        ProvisionRequest::Reinstall {
-                            instance_id: id.clone(),
-                            node_name: name,
-                        },
-                    );
+            (Some(_), _) => Role::Follower,
+        };
+        let was = {
+            let mut s = lock(&self.session);
+            std::mem::replace(&mut s.role, role)
+        };
+        if was != role {
+            match (was, role) {
+                (Role::Leader { term }, _) => {
+                    tracing::warn!(term, "lost leadership");
+                    lock(&self.session).paused = None;
                 }
-                Some(Heal::Replace) => {
-                    let reg = inner.nodes[id].reg.clone();
-                    let version = inner.nodes[id].version.clone();
-                    self.terminate(&mut inner, id, "auto-heal: replace");
-                    self.new_node(&mut inner, &reg, &version, "auto-heal replacement");
-                }
-            }
-        }
-        // 2. the pod scheduler: pending pods go to schedulable Ready nodes, become ready later.
-        let schedulable: Vec<String> = inner
-            .nodes
-            .values()
-            .filter(|r| r.state == NodeState::Ready && !r.cordoned)
-            .map(|r| r.reg.node_name.clone())
-            .collect();
-        let mut pending_since = std::mem::take(&mut inner.pod_pending_since);
-        for (i, p) in inner.pods.iter_mut().enumerate() {
-            let key = (p.namespace.clone(), p.name.clone());
-            match &p.node {
-                None if !schedulable.is_empty() => {
-                    p.node = Some(schedulable[i % schedulable.len()].clone());
-                    p.ready = false;
-                    pending_since.insert(key, now);
-                }
-                Some(_) if !p.ready => {
-                    let since = *pending_since.entry(key.clone()).or_insert(now);
-                    if now.saturating_duration_since(since) >= timers.pod_start {
-                        p.ready = true;
-                        pending_since.remove(&key);
-                    }
+                (_, Role::Leader { term }) => {
+                    tracing::info!(term, "this replica leads the lifecycle controller")
                 }
                 _ => {}
             }
         }
-        inner.pod_pending_since = pending_since;
-        // 3. drains
-        for id in &ids {
-            let Some(op) = inner.nodes.get(id).and_then(|r| r.drain.clone()) else {
-                continue;
-            };
-            let name = inner.nodes[id].reg.node_name.clone();
-            let forced = now.saturating_duration_since(op.started) >= timers.drain_timeout;
-            let mut blocked = None;
-            let on_node: Vec<usize> = (0..inner.pods.len())
-                .filter(|&i| inner.pods[i].node.as_deref() == Some(&name))
-                .collect();
-            let mut evicted = 0;
-            let mut forced_n = 0;
-            for i in on_node {
-                let allowed = eviction_allowed(&inner.pods[i], &inner.pods, &inner.pdbs);
-                match allowed {
-                    Ok(()) => {}
-                    Err(pdb) if !forced => {
-                        blocked = Some(pdb);
-                        continue;
-                    }
-                    Err(_) => forced_n += 1,
-                }
-                let p = &mut inner.pods[i];
-                p.node = None;
-                p.ready = false;
-                evicted += 1;
-            }
-            if evicted > 0 {
-                let msg = if forced_n > 0 {
-                    format!("drain timeout: forced eviction of {forced_n} pods (PDB ignored)")
-                } else {
-                    format!("evicted {evicted} pods")
-                };
-                inner.event(&name, msg);
-            }
-            let remaining = inner
-                .pods
-                .iter()
-                .filter(|p| p.node.as_deref() == Some(&name))
-                .count();
-            if remaining > 0 {
-                if blocked != op.blocked_by
-                    && let Some(b) = &blocked
-                {
-                    inner.event(
-                        &name,
-                        format!("eviction blocked by PodDisruptionBudget {b}"),
-                    );
-                }
-                inner.nodes.get_mut(id).expect("present").drain = Some(DrainOp {
-                    blocked_by: blocked,
-                    ..op
-                });
-                continue;
-            }
-            inner.nodes.get_mut(id).expect("present").drain = None;
-            inner.event(&name, "drained".into());
-            match op.then {
-                AfterDrain::Nothing => {}
-                AfterDrain::Terminate => self.terminate(&mut inner, id, "drained for removal"),
-                AfterDrain::Upgrade(v) => {
-                    inner.nodes.get_mut(id).expect("present").upgrading_to = Some(v.clone());
-                    inner.command(id, CommandKind::Upgrade, &v);
-                    inner.set_state(id, NodeState::Installing, "upgrading components in place");
-                }
-            }
-        }
-        // 4. upgrades
-        self.upgrade_tick(&mut inner);
-    }
-
-    fn upgrade_tick(&self, inner: &mut Inner) {
-        let Some(mut up) = inner.upgrade.clone() else {
-            return;
+        let Role::Leader { term } = role else {
+            return Ok(());
         };
-        if up.done {
-            return;
-        }
-        let target = up.req.version.clone();
-        let in_place_now = inner
-            .nodes
-            .values()
-            .filter(|r| {
-                r.upgrading_to.is_some()
-                    || (r
-                        .drain
-                        .as_ref()
-                        .is_some_and(|d| matches!(d.then, AfterDrain::Upgrade(_))))
-            })
-            .count();
-        inner.max_concurrent_in_place = inner.max_concurrent_in_place.max(in_place_now);
-        match up.req.strategy.clone() {
-            Strategy::InPlace => {
-                if let Some(cur) = up.current.clone() {
-                    let r = &inner.nodes[&cur];
-                    let finished =
-                        r.state == NodeState::Ready && r.version == target && r.drain.is_none();
-                    if finished {
-                        let name = r.reg.node_name.clone();
-                        let r = inner.nodes.get_mut(&cur).expect("present");
-                        r.upgrading_to = None;
-                        r.cordoned = false;
-                        inner.command(&cur, CommandKind::Uncordon, "");
-                        inner.event(&name, format!("upgraded in place to {target}"));
-                        up.current = None;
-                    } else if r.state == NodeState::Terminated {
-                        up.current = None;
-                    }
+        let reason = self.pause_reason();
+        {
+            let mut s = lock(&self.session);
+            if s.paused != reason {
+                match &reason {
+                    Some(r) => tracing::warn!(term, "lifecycle decisions paused: {r}"),
+                    None => tracing::info!(term, "lifecycle decisions resumed"),
                 }
-                let views = inner.views(&up.req.pool);
-                match machine::in_place_next(&views, &target, up.current.is_some()) {
-                    InPlaceStep::Wait => {}
-                    InPlaceStep::Start(id) => {
-                        up.current = Some(id.clone());
-                        inner.start_drain(&id, AfterDrain::Upgrade(target.clone()));
-                    }
-                    InPlaceStep::Done => {
-                        up.done = true;
-                        inner.event(&up.req.pool, format!("in-place upgrade to {target} done"));
-                    }
-                }
-            }
-            Strategy::Rolling {
-                max_surge,
-                max_unavailable,
-            } => {
-                let views = inner.views(&up.req.pool);
-                let step = machine::rolling_step(
-                    &views,
-                    &target,
-                    up.desired,
-                    max_surge,
-                    max_unavailable,
-                    up.creating.len(),
-                );
-                if step.done {
-                    up.done = true;
-                    inner.event(&up.req.pool, format!("rolling upgrade to {target} done"));
-                } else {
-                    let template = inner
-                        .nodes
-                        .values()
-                        .find(|r| r.reg.node_pool == up.req.pool)
-                        .map(|r| r.reg.clone());
-                    inner.upgrade = Some(up.clone());
-                    if let Some(t) = template {
-                        for _ in 0..step.create {
-                            self.new_node(inner, &t, &target, "rolling upgrade");
-                        }
-                    }
-                    up = inner.upgrade.clone().expect("set above");
-                    for id in step.remove {
-                        inner.start_drain(&id, AfterDrain::Terminate);
-                    }
-                }
+                s.paused = reason.clone();
             }
         }
-        inner.upgrade = Some(up);
+        if reason.is_some() {
+            return Ok(());
+        }
+        self.decide(term).await
     }
 
-    /// The status view.
+    async fn campaign(&self, lease: i64) -> Result<Role> {
+        let now = now_ms();
+        let leader = LeaderRecord {
+            server_id: self.config.server_id.clone(),
+            lease,
+            elected_ms: now,
+        };
+        let batch = EventBatch {
+            events: vec![Event {
+                unix_ms: now,
+                node: "controlplane".into(),
+                message: format!("{} elected leader", self.config.server_id),
+                server: self.config.server_id.clone(),
+            }],
+        };
+        let ops = vec![
+            Op::Put {
+                key: self.keys.leader(),
+                value: encode(&leader),
+                lease,
+            },
+            Op::Put {
+                key: self.keys.event(&self.config.server_id, now, 0),
+                value: encode(&batch),
+                lease: 0,
+            },
+        ];
+        let compares = vec![Compare::CreateRevision {
+            key: self.keys.leader(),
+            rev: 0,
+        }];
+        match self.commit(compares, ops, None).await {
+            Ok(TxnOutcome::Committed(term)) => Ok(Role::Leader { term }),
+            Ok(TxnOutcome::Conflict(_)) => Ok(Role::Follower),
+            Err(Error::Store(e)) if e.contains("lease") && e.contains("not found") => {
+                lock(&self.session).lease = 0;
+                Ok(Role::Follower)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What this replica knows about the nodes' heartbeats.
+    fn liveness(&self) -> Liveness {
+        let now = now_ms();
+        let mut live = Liveness {
+            known_until_ms: now,
+            listening_since_ms: self.started_ms,
+            last: lock(&self.seen).clone(),
+        };
+        self.cache.read(|s| {
+            for (id, r) in &s.replicas {
+                if *id == self.config.server_id {
+                    continue;
+                }
+                let r = &r.value;
+                live.known_until_ms = live.known_until_ms.min(r.written_ms);
+                live.listening_since_ms = live.listening_since_ms.min(r.started_ms);
+                for (n, t) in &r.heartbeats {
+                    let e = live.last.entry(n.clone()).or_insert(0);
+                    *e = (*e).max(*t);
+                }
+            }
+        });
+        live
+    }
+
+    /// One controller pass of the leader of `term`.
+    async fn decide(&self, term: i64) -> Result<()> {
+        let last = lock(&self.session).last_commit_rev;
+        if self.cache.read(|s| s.known_rev) < last
+            && !self
+                .cache
+                .wait_past(last - 1, Duration::from_millis(500))
+                .await
+        {
+            return Ok(());
+        }
+        self.dispatch(term).await;
+        let live = self.liveness();
+        let (mut m, rev) = self.cache.read(|s| {
+            (
+                Model::read(
+                    s,
+                    Scope::All,
+                    now_ms(),
+                    &self.config.server_id,
+                    self.config.plan,
+                    &self.config.timers,
+                ),
+                s.known_rev,
+            )
+        });
+        m.tick(&live);
+        let (compares, ops) = m.diff(&self.keys, rev);
+        if !ops.is_empty() {
+            match self.commit(compares, ops, Some(term)).await? {
+                TxnOutcome::Committed(_) => {
+                    lock(&self.session).conflicts = 0;
+                    if !m.requested.is_empty() {
+                        self.dispatch(term).await;
+                    }
+                }
+                TxnOutcome::Conflict(_) => {
+                    let n = {
+                        let mut s = lock(&self.session);
+                        s.conflicts += 1;
+                        s.conflicts
+                    };
+                    if n >= 3 {
+                        let r = self.cache.reload(self.store.as_ref()).await;
+                        self.note(&r);
+                        lock(&self.session).conflicts = 0;
+                    } else {
+                        self.cache.wait_past(rev, Duration::from_millis(300)).await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.trim_events(term).await
+    }
+
+    /// Hands out the provisioning requests not dispatched yet and marks them.
+    async fn dispatch(&self, term: i64) {
+        let pending: Vec<(i64, ProvisionRecord)> = self.cache.read(|s| {
+            s.provisions
+                .values()
+                .filter(|p| p.value.dispatched_ms.is_none())
+                .map(|p| (p.mod_revision, p.value.clone()))
+                .collect()
+        });
+        if pending.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for (rev, mut p) in pending {
+            if lock(&self.session).dispatched.insert(p.id.clone()) {
+                tracing::info!(request = %p.id, action = p.request.action(), instance = p.request.instance_id(), "provisioning request");
+                let _ = self.provision.send(p.clone());
+            }
+            p.dispatched_ms = Some(now);
+            p.dispatched_by = Some(self.config.server_id.clone());
+            let key = self.keys.provision(&p.id);
+            compares.push(Compare::ModRevision {
+                key: key.clone(),
+                rev,
+            });
+            ops.push(Op::Put {
+                key,
+                value: encode(&p),
+                lease: 0,
+            });
+        }
+        let _ = self.commit(compares, ops, Some(term)).await;
+    }
+
+    /// Keeps the stored history bounded.
+    async fn trim_events(&self, term: i64) -> Result<()> {
+        let old: Vec<String> = self.cache.read(|s| {
+            let n = s.events.len().saturating_sub(MAX_EVENT_BATCHES);
+            s.events
+                .keys()
+                .take(n.min(100))
+                .map(|(_, k)| k.clone())
+                .collect()
+        });
+        if old.is_empty() {
+            return Ok(());
+        }
+        let ops = old.into_iter().map(|key| Op::Delete { key }).collect();
+        self.commit(Vec::new(), ops, Some(term)).await.map(|_| ())
+    }
+
+    /// One pass of the replica's loops (tests drive the registry with this).
+    pub async fn step(&self) -> Result<()> {
+        self.session_step().await;
+        self.report_step().await;
+        self.controller_step().await
+    }
+
+    /// The status view (this replica's copy of the store plus its own view).
     pub fn status(&self) -> RegistryStatus {
-        let inner = self.inner.lock().unwrap();
-        let now = Instant::now();
-        RegistryStatus {
-            plan: self.config.plan,
-            nodes: inner
+        let now = now_ms();
+        let live = self.liveness();
+        let session_role = self.role_name();
+        let paused = lock(&self.session).paused.clone();
+        let health = lock(&self.health).clone();
+        let cache_health = self.cache.health();
+        self.cache.read(|s| {
+            let nodes = s
                 .nodes
                 .iter()
-                .map(|(id, r)| {
-                    let res = |x: &Option<berth_proto::node::Resources>| x.unwrap_or_default();
-                    let alloc = res(&r.reg.allocatable);
-                    let reserved = res(&r.reg.reserved);
+                .map(|(id, v)| {
+                    let r = &v.value;
+                    let reg = &r.registration;
+                    let (last, _) = live.silence(id, r.last_heartbeat_ms);
+                    let last = last.max(r.last_heartbeat_ms);
                     NodeStatus {
-                        node_name: r.reg.node_name.clone(),
+                        node_name: reg.node_name.clone(),
                         instance_id: id.clone(),
-                        pool: r.reg.node_pool.clone(),
-                        flavor: r.reg.flavor.clone(),
-                        zone: r.reg.zone.clone(),
+                        pool: reg.node_pool.clone(),
+                        flavor: reg.flavor.clone(),
+                        zone: reg.zone.clone(),
                         state: r.state,
                         reason: r.reason.clone(),
                         cordoned: r.cordoned,
                         version: r.version.clone(),
-                        last_heartbeat_ms_ago: now
-                            .saturating_duration_since(r.last_heartbeat)
-                            .as_millis(),
+                        last_heartbeat_ms_ago: now.saturating_sub(last),
+                        not_ready_since_ms: r.not_ready_since_ms,
                         reinstalls: r.reinstalls,
-                        conditions: r.conditions.iter().map(|c| (c.0.clone(), c.1)).collect(),
-                        labels: r
-                            .reg
-                            .labels
+                        heals: r.heals,
+                        conditions: r
+                            .conditions
                             .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .map(|c| (c.kind.clone(), c.status))
                             .collect(),
-                        taints: r
-                            .reg
-                            .taints
-                            .iter()
-                            .map(|t| format!("{}={}:{}", t.key, t.value, t.effect))
-                            .collect(),
-                        allocatable_cpu_millis: alloc.cpu_millis,
-                        allocatable_memory_bytes: alloc.memory_bytes,
-                        reserved_cpu_millis: reserved.cpu_millis,
-                        reserved_memory_bytes: reserved.memory_bytes,
-                        reserved_storage_bytes: reserved.storage_bytes,
+                        labels: reg.labels.clone(),
+                        taints: reg.taints.clone(),
+                        allocatable_cpu_millis: reg.allocatable.cpu_millis,
+                        allocatable_memory_bytes: reg.allocatable.memory_bytes,
+                        reserved_cpu_millis: reg.reserved.cpu_millis,
+                        reserved_memory_bytes: reg.reserved.memory_bytes,
+                        reserved_storage_bytes: reg.reserved.storage_bytes,
                         pending_commands: r.commands.iter().filter(|c| !c.acked).cloned().collect(),
                         last_commands: r.commands.iter().rev().take(10).cloned().collect(),
                         draining: r.drain.as_ref().map(|d| match &d.blocked_by {
@@ -946,35 +1110,78 @@ impl Registry {
                         }),
                     }
                 })
-                .collect(),
-            pods: inner.pods.clone(),
-            pdbs: inner.pdbs.clone(),
-            upgrade: inner.upgrade.as_ref().map(|u| UpgradeStatus {
-                pool: u.req.pool.clone(),
-                version: u.req.version.clone(),
-                strategy: u.req.strategy.clone(),
-                done: u.done,
-                failed: u.failed.clone(),
-                current: u.current.clone(),
-                creating: u.creating.clone(),
-            }),
-            pending_actions: inner.pending.clone(),
-            max_concurrent_in_place: inner.max_concurrent_in_place,
-            events: inner.events.clone(),
-        }
-    }
-
-    /// Runs the controller until `shutdown` changes.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut iv = tokio::time::interval(self.config.timers.tick);
-        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = iv.tick() => self.tick(),
-                _ = shutdown.changed() => return,
+                .collect();
+            let workload = s
+                .workload
+                .as_ref()
+                .map(|w| w.value.clone())
+                .unwrap_or_default();
+            let mut provisions: Vec<ProvisionRecord> =
+                s.provisions.values().map(|p| p.value.clone()).collect();
+            provisions.sort_by(|a, b| a.requested_ms.cmp(&b.requested_ms).then(a.id.cmp(&b.id)));
+            let leader = s.leader.as_ref();
+            RegistryStatus {
+                plan: self.config.plan,
+                store: StoreStatus {
+                    backend: self.store.describe(),
+                    shared: self.store.shared(),
+                    prefix: self.keys.root().to_string(),
+                    registry_id: s.meta.as_ref().map(|m| m.value.registry_id.clone()),
+                    revision: s.known_rev,
+                    reachable: health.reachable,
+                    unreachable_since_ms: (!health.reachable).then_some(health.since_ms),
+                    last_error: health.last_error.clone(),
+                    copy: cache_health.clone(),
+                    undecodable: s.undecodable.clone(),
+                },
+                controller: ControllerStatus {
+                    server_id: self.config.server_id.clone(),
+                    role: session_role.clone(),
+                    leader: leader.map(|l| l.value.server_id.clone()),
+                    term: leader.map(|l| l.create_revision),
+                    paused: paused.clone(),
+                    lease_ttl_secs: self.config.lease_ttl_secs,
+                },
+                replicas: s
+                    .replicas
+                    .values()
+                    .map(|r| ReplicaStatus {
+                        server_id: r.value.server_id.clone(),
+                        role: r.value.role.clone(),
+                        report_age_ms: now.saturating_sub(r.value.written_ms),
+                        nodes_heard: r.value.heartbeats.len(),
+                    })
+                    .collect(),
+                nodes,
+                pods: workload.pods,
+                pdbs: workload.pdbs,
+                upgrade: s.upgrade.as_ref().map(|u| {
+                    let u = &u.value;
+                    UpgradeStatus {
+                        pool: u.request.pool.clone(),
+                        version: u.request.version.clone(),
+                        strategy: u.request.strategy.clone(),
+                        done: u.done,
+                        failed: u.failed.clone(),
+                        current: u.current.clone(),
+                        creating: u.creating.clone(),
+                    }
+                }),
+                pending_actions: provisions.iter().map(|p| p.request.clone()).collect(),
+                provisions,
+                max_concurrent_in_place: s
+                    .upgrade
+                    .as_ref()
+                    .map_or(0, |u| u.value.max_concurrent_in_place),
+                events: s.events.values().flatten().cloned().collect(),
             }
-        }
+        })
     }
+}
+
+/// The boxed future type of the replica's periodic steps.
+mod futures_step {
+    pub type Step = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
 /// Default heartbeat interval a node uses when the server gives none.
@@ -982,9 +1189,49 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
-    use berth_proto::node::Condition;
+    use berth_proto::node::{CommandAck, CommandKind, Condition, NodeRegistration};
 
     use super::*;
+    use crate::lifecycle::{machine, store::memory::MemoryStore};
+
+    fn timers() -> Timers {
+        Timers {
+            heartbeat_grace: Duration::from_millis(400),
+            autoheal_after: Duration::from_millis(1_500),
+            tick: Duration::from_millis(50),
+            ..Default::default()
+        }
+    }
+
+    struct Replica {
+        r: Arc<Registry>,
+        prov: mpsc::UnboundedReceiver<ProvisionRecord>,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn replica(store: &Arc<MemoryStore>, server: &str, plan: Plan) -> Replica {
+        let (tx, prov) = mpsc::unbounded_channel();
+        let r = Registry::new(
+            LifecycleConfig {
+                plan,
+                timers: timers(),
+                server_id: server.into(),
+                controller: true,
+                lease_ttl_secs: 1,
+                prefix: "/test".into(),
+            },
+            store.clone(),
+            tx,
+        );
+        let (stop, rx) = watch::channel(false);
+        r.follow(rx);
+        assert!(r.wait_loaded(Duration::from_secs(5)).await);
+        Replica {
+            r,
+            prov,
+            _stop: stop,
+        }
+    }
 
     fn registration(name: &str, version: &str) -> RegisterRequest {
         RegisterRequest {
@@ -995,6 +1242,8 @@ mod tests {
                 version: version.into(),
                 ..Default::default()
             }),
+            agent_start_ms: 0,
+            sequence: 0,
         }
     }
 
@@ -1002,7 +1251,7 @@ mod tests {
         let c = |t: &str, status: bool| Condition {
             r#type: t.into(),
             status,
-            message: String::new(),
+            message: format!("{t} probed"),
         };
         HeartbeatRequest {
             instance_id: format!("i-{name}"),
@@ -1015,45 +1264,57 @@ mod tests {
             version: version.into(),
             acks,
             shutting_down: false,
+            agent_start_ms: 0,
+            sequence: 0,
         }
     }
 
-    #[test]
-    fn a_failed_upgrade_stops_the_rollout() {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let r = Registry::new(
-            LifecycleConfig {
-                plan: Plan::Free,
-                timers: Timers::default(),
-                server_id: "s".into(),
-            },
-            tx,
-        );
+    fn node(s: &RegistryStatus, name: &str) -> NodeStatus {
+        s.nodes
+            .iter()
+            .find(|n| n.node_name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not in status"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_upgrade_stops_the_rollout() {
+        let store = Arc::new(MemoryStore::new());
+        let a = replica(&store, "s1", Plan::Free).await;
+        let r = &a.r;
+        a.r.step().await.unwrap();
         for n in ["n1", "n2"] {
             assert_eq!(
-                r.register(registration(n, "v1")).unwrap().state,
+                r.register(registration(n, "v1")).await.unwrap().state,
                 "Installing"
             );
-            assert_eq!(r.heartbeat(beat(n, "v1", vec![])).state, "Ready");
+            assert_eq!(
+                r.heartbeat(beat(n, "v1", vec![])).await.unwrap().state,
+                "Ready"
+            );
         }
         r.upgrade(UpgradeRequest {
             pool: "p".into(),
             version: "v2".into(),
             strategy: Strategy::InPlace,
         })
+        .await
         .unwrap();
-        assert!(
-            r.upgrade(UpgradeRequest {
+        let again = r
+            .upgrade(UpgradeRequest {
                 pool: "p".into(),
                 version: "v3".into(),
                 strategy: Strategy::InPlace,
             })
-            .is_err(),
-            "one upgrade at a time"
-        );
-        r.tick(); // n1: cordon + drain
-        r.tick(); // drained (no pods): UPGRADE
-        let cmds = r.heartbeat(beat("n1", "v1", vec![])).commands;
+            .await;
+        assert!(again.is_err(), "one upgrade at a time");
+        r.step().await.unwrap(); // n1: cordon + drain
+        r.step().await.unwrap(); // drained (no pods): UPGRADE
+        let cmds = r
+            .heartbeat(beat("n1", "v1", vec![]))
+            .await
+            .unwrap()
+            .commands;
         let kinds: Vec<i32> = cmds.iter().map(|c| c.kind).collect();
         assert_eq!(
             kinds,
@@ -1074,20 +1335,20 @@ mod tests {
                 },
             })
             .collect();
-        let rsp = r.heartbeat(beat("n1", "v1", acks));
+        let rsp = r.heartbeat(beat("n1", "v1", acks)).await.unwrap();
         assert!(rsp.commands.is_empty());
-        r.tick();
-        r.tick();
+        r.step().await.unwrap();
+        r.step().await.unwrap();
         let s = r.status();
-        let up = s.upgrade.unwrap();
+        let up = s.upgrade.clone().unwrap();
         assert!(up.done);
         assert!(up.failed.unwrap().contains("n1: upgrade hook failed"));
-        let n1 = s.nodes.iter().find(|n| n.node_name == "n1").unwrap();
+        let n1 = node(&s, "n1");
         assert_eq!(
             (n1.state, n1.version.as_str(), n1.cordoned),
             (NodeState::Ready, "v1", true)
         );
-        let n2 = s.nodes.iter().find(|n| n.node_name == "n2").unwrap();
+        let n2 = node(&s, "n2");
         assert_eq!(
             (n2.state, n2.version.as_str(), n2.cordoned),
             (NodeState::Ready, "v1", false)
@@ -1095,27 +1356,263 @@ mod tests {
         assert_eq!(s.max_concurrent_in_place, 1);
     }
 
-    #[test]
-    fn unknown_and_terminated_nodes() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let r = Registry::new(
-            LifecycleConfig {
-                plan: Plan::Standard,
-                timers: Timers::default(),
-                server_id: "s".into(),
-            },
-            tx,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_and_terminated_nodes() {
+        let store = Arc::new(MemoryStore::new());
+        let mut a = replica(&store, "s1", Plan::Standard).await;
+        let r = a.r.clone();
+        r.step().await.unwrap();
+        assert!(
+            !r.heartbeat(beat("ghost", "v1", vec![]))
+                .await
+                .unwrap()
+                .known
         );
-        assert!(!r.heartbeat(beat("ghost", "v1", vec![])).known);
-        assert!(r.register(RegisterRequest { node: None }).is_err());
-        r.register(registration("n1", "v1")).unwrap();
-        r.heartbeat(beat("n1", "v1", vec![]));
-        r.drain("n1", true).unwrap();
-        r.tick();
+        assert!(
+            r.register(RegisterRequest {
+                node: None,
+                agent_start_ms: 0,
+                sequence: 0
+            })
+            .await
+            .is_err()
+        );
+        r.register(registration("n1", "v1")).await.unwrap();
+        r.heartbeat(beat("n1", "v1", vec![])).await.unwrap();
+        r.drain("n1", true).await.unwrap();
+        r.step().await.unwrap();
         assert_eq!(r.status().nodes[0].state, NodeState::Terminated);
-        assert!(matches!(rx.try_recv(), Ok(ProvisionRequest::Delete { .. })));
+        let rec = a.prov.try_recv().expect("a delete request");
+        assert!(matches!(rec.request, ProvisionRequest::Delete { .. }));
         // A terminated instance cannot come back.
-        assert!(r.register(registration("n1", "v1")).is_err());
-        assert!(r.drain("nope", false).is_err());
+        assert!(r.register(registration("n1", "v1")).await.is_err());
+        assert!(r.drain("nope", false).await.is_err());
+        // The request is marked dispatched and is handed out once.
+        r.step().await.unwrap();
+        assert!(a.prov.try_recv().is_err());
+        assert!(r.status().provisions[0].dispatched_ms.is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unchanged_heartbeats_write_nothing() {
+        let store = Arc::new(MemoryStore::new());
+        let a = replica(&store, "s1", Plan::Free).await;
+        a.r.register(registration("n1", "v1")).await.unwrap();
+        a.r.heartbeat(beat("n1", "v1", vec![])).await.unwrap();
+        let before = store.revision();
+        for _ in 0..100 {
+            let rsp = a.r.heartbeat(beat("n1", "v1", vec![])).await.unwrap();
+            assert_eq!(rsp.state, "Ready");
+        }
+        assert_eq!(
+            store.revision(),
+            before,
+            "100 unchanged heartbeats, no write"
+        );
+        // A changed condition is one write; the same registration again is none.
+        let mut sick = beat("n1", "v1", vec![]);
+        sick.conditions[0].status = false;
+        assert_eq!(a.r.heartbeat(sick.clone()).await.unwrap().state, "NotReady");
+        assert_eq!(store.revision(), before + 1);
+        a.r.heartbeat(sick).await.unwrap();
+        assert_eq!(store.revision(), before + 1);
+        a.r.register(registration("n1", "v1")).await.unwrap();
+        assert_eq!(store.revision(), before + 2, "NotReady re-registration");
+        a.r.register(registration("n1", "v1")).await.unwrap();
+        assert_eq!(store.revision(), before + 2, "idempotent registration");
+        assert_eq!(a.r.metrics.heartbeats.load(Ordering::Relaxed), 103);
+        assert_eq!(a.r.metrics.heartbeat_writes.load(Ordering::Relaxed), 2);
+    }
+
+    /// A heartbeat delayed on one replica arrives after a newer one through another replica:
+    /// it must not undo the newer facts (here the upgraded version).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delayed_heartbeat_never_undoes_a_newer_one() {
+        let store = Arc::new(MemoryStore::new());
+        let a = replica(&store, "s1", Plan::Free).await;
+        let b = replica(&store, "s2", Plan::Free).await;
+        let stamped = |v: &str, seq: u64| HeartbeatRequest {
+            agent_start_ms: 1_000,
+            sequence: seq,
+            ..beat("n1", v, vec![])
+        };
+        a.r.register(registration("n1", "v1")).await.unwrap();
+        a.r.heartbeat(stamped("v1", 1)).await.unwrap();
+        // The agent upgrades; its report #3 reaches s1 first, report #2 (still v1) reaches s2 late.
+        a.r.heartbeat(stamped("v2", 3)).await.unwrap();
+        let rev = store.revision();
+        let late = b.r.heartbeat(stamped("v1", 2)).await.unwrap();
+        assert!(late.known);
+        assert_eq!(store.revision(), rev, "the late report wrote nothing");
+        assert_eq!(node(&b.r.status(), "n1").version, "v2");
+        // A restarted agent (later start time) starts counting again and is applied.
+        let restarted = HeartbeatRequest {
+            agent_start_ms: 2_000,
+            sequence: 1,
+            ..beat("n1", "v3", vec![])
+        };
+        b.r.heartbeat(restarted).await.unwrap();
+        assert_eq!(node(&b.r.status(), "n1").version, "v3");
+        // Old agents (no stamp) are applied as they come.
+        a.r.heartbeat(beat("n1", "v4", vec![])).await.unwrap();
+        assert_eq!(node(&a.r.status(), "n1").version, "v4");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_share_one_registry_and_one_leader() {
+        let store = Arc::new(MemoryStore::new());
+        let a = replica(&store, "s1", Plan::Free).await;
+        let b = replica(&store, "s2", Plan::Free).await;
+        for _ in 0..3 {
+            a.r.step().await.unwrap();
+            b.r.step().await.unwrap();
+        }
+        let roles = [a.r.role_name(), b.r.role_name()];
+        assert_eq!(
+            roles.iter().filter(|r| *r == "leader").count(),
+            1,
+            "{roles:?}"
+        );
+        // Registered through one replica, heartbeating through the other.
+        a.r.register(registration("n1", "v1")).await.unwrap();
+        let rsp = b.r.heartbeat(beat("n1", "v1", vec![])).await.unwrap();
+        assert!(rsp.known);
+        assert_eq!(rsp.state, "Ready");
+        assert!(a.r.cache.wait_past(0, Duration::from_secs(1)).await);
+        let wait = |r: Arc<Registry>| async move {
+            for _ in 0..100 {
+                let s = r.status();
+                if s.nodes.len() == 1 && s.nodes[0].state == NodeState::Ready {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("replica never saw the node Ready");
+        };
+        let (sa, sb) = (wait(a.r.clone()).await, wait(b.r.clone()).await);
+        assert_eq!(sa.store.registry_id, sb.store.registry_id);
+        assert_eq!(sa.controller.leader, sb.controller.leader);
+        // Both replicas deliver the same command under one registry ID.
+        a.r.cordon("n1", true).await.unwrap();
+        let ca =
+            a.r.heartbeat(beat("n1", "v1", vec![]))
+                .await
+                .unwrap()
+                .commands;
+        let mut cb = Vec::new();
+        for _ in 0..100 {
+            // b's copy follows the store through its watch.
+            cb =
+                b.r.heartbeat(beat("n1", "v1", vec![]))
+                    .await
+                    .unwrap()
+                    .commands;
+            if !cb.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ca, cb);
+        assert_eq!(ca.len(), 1);
+        let id_a =
+            a.r.register(registration("n1", "v1"))
+                .await
+                .unwrap()
+                .registry_id;
+        let id_b =
+            b.r.register(registration("n1", "v1"))
+                .await
+                .unwrap()
+                .registry_id;
+        assert_eq!(id_a, id_b);
+        // The acknowledgement through either replica lands once.
+        let ack = vec![CommandAck {
+            command_id: ca[0].id,
+            error: String::new(),
+        }];
+        let (x, y) = tokio::join!(
+            a.r.heartbeat(beat("n1", "v1", ack.clone())),
+            b.r.heartbeat(beat("n1", "v1", ack))
+        );
+        assert!(x.unwrap().commands.is_empty() && y.unwrap().commands.is_empty());
+    }
+
+    /// Leader s1 stops renewing its lease (a pause, a partition from etcd): s2 takes over;
+    /// s1, still believing it leads, is fenced off by its term.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_leader_is_fenced_and_the_next_continues() {
+        let store = Arc::new(MemoryStore::new());
+        let mut a = replica(&store, "s1", Plan::Free).await;
+        let mut b = replica(&store, "s2", Plan::Free).await;
+        a.r.step().await.unwrap();
+        b.r.step().await.unwrap();
+        let Role::Leader { term } = lock(&a.r.session).role else {
+            panic!("s1 leads")
+        };
+        a.r.register(registration("n1", "v1")).await.unwrap();
+        a.r.heartbeat(beat("n1", "v1", vec![])).await.unwrap();
+        // n1 falls silent: s1 marks it NotReady (its clock starts at the silence + grace).
+        let mut not_ready_since = None;
+        for _ in 0..200 {
+            a.r.step().await.unwrap();
+            b.r.session_step().await;
+            b.r.report_step().await;
+            let n = node(&a.r.status(), "n1");
+            if n.state == NodeState::NotReady {
+                not_ready_since = n.not_ready_since_ms;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t0 = not_ready_since.expect("NotReady");
+        // s1 stops (no more renewals); s2 keeps its lease and takes over once s1's expired.
+        let mut took_over_ms = 0;
+        for _ in 0..300 {
+            b.r.step().await.unwrap();
+            if b.r.role_name() == "leader" {
+                took_over_ms = now_ms();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(took_over_ms > 0, "s2 took over");
+        // s1 wakes up believing it leads; its decision transaction is refused.
+        let rev = store.revision();
+        a.r.decide(term).await.unwrap();
+        assert_eq!(store.revision(), rev, "the fenced leader wrote nothing");
+        // s2 heals n1 once, at NotReady + autoheal (not counted from the takeover).
+        let mut healed = None;
+        for _ in 0..300 {
+            b.r.step().await.unwrap();
+            if let Ok(rec) = b.prov.try_recv() {
+                healed = Some(rec);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rec = healed.expect("auto-heal");
+        assert!(matches!(rec.request, ProvisionRequest::Reinstall { .. }));
+        let autoheal = timers().autoheal_after.as_millis() as u64;
+        assert!(rec.requested_ms >= t0 + autoheal, "not shortened");
+        assert!(
+            rec.requested_ms < took_over_ms + autoheal,
+            "not restarted by the failover"
+        );
+        a.r.step().await.unwrap();
+        assert!(a.prov.try_recv().is_err(), "s1 dispatched nothing");
+        for _ in 0..10 {
+            b.r.step().await.unwrap();
+        }
+        let s = b.r.status();
+        assert_eq!(node(&s, "n1").heals, 1);
+        assert_eq!(
+            s.events
+                .iter()
+                .filter(|e| e.message.contains("auto-heal"))
+                .count(),
+            1
+        );
+        assert_eq!(s.controller.leader.as_deref(), Some("s2"));
+        assert!(b.prov.try_recv().is_err(), "one request");
     }
 }

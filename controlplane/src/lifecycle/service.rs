@@ -27,8 +27,9 @@ impl NodeService for NodeSvc {
         check_auth(&self.tunnel, &request)?;
         self.registry
             .register(request.into_inner())
+            .await
             .map(Response::new)
-            .map_err(|e| Status::failed_precondition(e.to_string()))
+            .map_err(to_status)
     }
 
     async fn heartbeat(
@@ -36,6 +37,19 @@ impl NodeService for NodeSvc {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         check_auth(&self.tunnel, &request)?;
-        Ok(Response::new(self.registry.heartbeat(request.into_inner())))
+        self.registry
+            .heartbeat(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+}
+
+/// A store that cannot be reached is UNAVAILABLE (the agent retries: nothing was written); a
+/// refused request FAILED_PRECONDITION.
+fn to_status(e: crate::Error) -> Status {
+    match e {
+        crate::Error::Store(_) | crate::Error::Schema { .. } => Status::unavailable(e.to_string()),
+        e => Status::failed_precondition(e.to_string()),
     }
 }

@@ -1,0 +1,225 @@
+//! Real etcd (Debian's `etcd-server`, checked with its `etcdctl`) for the registry tests: a
+//! cluster of N members on loopback ports the test picks, its data on a tmpfs the test owns.
+//! Members are killed and the data removed on drop, also when a test fails.
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::unique_name,
+    tunnel::{Proc, TestDisk},
+};
+
+/// A free loopback port (bound and released: the test owns it from here on).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+        .port()
+}
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    proc: Option<Proc>,
+}
+
+/// An etcd cluster owned by a test.
+pub struct Etcd {
+    members: Vec<Member>,
+    token: String,
+    // Dropped after the members (fields drop in order): the processes die before the unmount.
+    disk: TestDisk,
+}
+
+impl Etcd {
+    /// Starts `n` members and waits until the cluster answers.
+    pub fn start(n: usize) -> Self {
+        crate::netns::require_root();
+        for (bin, arg) in [("etcd", "--version"), ("etcdctl", "version")] {
+            assert!(
+                Command::new(bin)
+                    .arg(arg)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                "{bin} is missing: scripts/bootstrap.sh installs etcd-server and etcd-client"
+            );
+        }
+        let token = unique_name("etcd");
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                proc: None,
+            })
+            .collect();
+        let mut e = Etcd {
+            members,
+            token,
+            disk: TestDisk::mount(512),
+        };
+        for i in 0..n {
+            e.spawn(i);
+        }
+        e.wait_healthy(&(0..n).collect::<Vec<_>>());
+        e
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.disk.path().join(&self.members[i].name)
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect();
+        let m = &self.members[i];
+        let log = self.disk.path().join(format!("{}.log", m.name));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("etcd log");
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(self.data_dir(i))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args(["--initial-cluster-token", &self.token])
+            // Ignored when the data directory exists (a restart).
+            .args(["--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn etcd");
+        self.members[i].proc = Some(Proc {
+            child: Some(child),
+            log,
+        });
+    }
+
+    /// Client URLs of every member (stopped ones too: clients skip them).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// `--etcd-endpoints` value.
+    pub fn endpoints_arg(&self) -> String {
+        self.endpoints().join(",")
+    }
+
+    /// Kills member `i` (SIGKILL: a crash); its data stays for a restart.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Restarts a stopped member from its data directory.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].proc.is_none(), "member {i} is running");
+        self.spawn(i);
+    }
+
+    /// Waits until each of `members` reports healthy (it has a leader and answers reads).
+    pub fn wait_healthy(&self, members: &[usize]) {
+        let end = Instant::now() + Duration::from_secs(60);
+        for &i in members {
+            let ep = format!("http://127.0.0.1:{}", self.members[i].client);
+            loop {
+                let ok = Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args(["--endpoints", &ep, "--command-timeout", "2s"])
+                    .args(["endpoint", "health"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "etcd member {i} not healthy:\n{}",
+                    self.log_tail(i)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The cluster's current revision (every write transaction adds one).
+    pub fn revision(&self) -> i64 {
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.proc.is_some())
+            .expect("a running member");
+        let ep = format!("http://127.0.0.1:{}", self.members[i].client);
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &ep, "endpoint", "status", "-w", "json"])
+            .output()
+            .expect("etcdctl endpoint status");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("etcdctl status JSON");
+        v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("revision")
+    }
+
+    /// All keys and values under `prefix`, as `etcdctl get --prefix` prints them.
+    pub fn dump(&self, prefix: &str) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.endpoints_arg(),
+                "get",
+                "--prefix",
+                prefix,
+            ])
+            .output()
+            .expect("etcdctl get");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn log_tail(&self, i: usize) -> String {
+        self.members[i]
+            .proc
+            .as_ref()
+            .map(Proc::log_tail)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut p) = m.proc.take() {
+                p.kill();
+            }
+        }
+    }
+}
