@@ -166,10 +166,31 @@ impl Replicas {
         }
     }
 
-    /// Starts a killed replica again with the same flags and ports.
+    /// Starts a killed replica again with the same flags and ports (it answers at once;
+    /// [`Replicas::wait_loaded`] waits for its copy of the registry).
     pub fn restart(&mut self, i: usize) {
         assert!(!self.list[i].running(), "replica {i} is running");
         self.spawn(i);
+    }
+
+    /// Waits until replica `i` has loaded its copy of the registry from etcd.
+    pub async fn wait_loaded(&self, i: usize) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = self.status(i).await
+                && v["registry"]["store"]["copy"]["following"] == true
+                && v["registry"]["store"]["registry_id"].is_string()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "{} never loaded the registry:\n{}",
+                self.list[i].id,
+                self.log_tail(i)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Sends `sig` to replica `i` (SIGSTOP/SIGCONT: a replica that stalls and wakes up).

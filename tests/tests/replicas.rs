@@ -532,6 +532,7 @@ async fn leader_killed_during_upgrades() {
     // The killed replica comes back and remembers everything; then a rolling upgrade, and its
     // leader dies too once the first old node is gone.
     h.cps.restart(first);
+    h.cps.wait_loaded(first).await;
     let (code, body) = h
         .cps
         .admin(
