@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     netns::unique_name,
-    tunnel::{Proc, TestDisk},
+    tunnel::{Pki, Proc, TestDisk},
 };
 
 /// A free loopback port (bound and released: the test owns it from here on).
@@ -28,10 +28,20 @@ struct Member {
     proc: Option<Proc>,
 }
 
+/// TLS of the client URLs: the members' certificate and the CA that signs client certificates.
+struct Tls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
 /// An etcd cluster owned by a test.
 pub struct Etcd {
     members: Vec<Member>,
     token: String,
+    tls: Option<Tls>,
     // Dropped after the members (fields drop in order): the processes die before the unmount.
     disk: TestDisk,
 }
@@ -39,6 +49,44 @@ pub struct Etcd {
 impl Etcd {
     /// Starts `n` members and waits until the cluster answers.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, None)
+    }
+
+    /// Starts `n` members whose client URLs require TLS with client certificates from `pki`
+    /// (its server certificate must name 127.0.0.1).
+    pub fn start_tls(n: usize, pki: &Pki) -> Self {
+        Self::start_with(
+            n,
+            Some(Tls {
+                ca: pki.ca.clone(),
+                cert: pki.server_cert.clone(),
+                key: pki.server_key.clone(),
+                client_cert: pki.client_cert.clone(),
+                client_key: pki.client_key.clone(),
+            }),
+        )
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// etcdctl with the cluster's TLS flags.
+    fn etcdctl(&self) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3");
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        c
+    }
+
+    fn start_with(n: usize, tls: Option<Tls>) -> Self {
         crate::netns::require_root();
         for (bin, arg) in [("etcd", "--version"), ("etcdctl", "version")] {
             assert!(
@@ -63,6 +111,7 @@ impl Etcd {
         let mut e = Etcd {
             members,
             token,
+            tls,
             disk: TestDisk::mount(512),
         };
         for i in 0..n {
@@ -89,9 +138,19 @@ impl Etcd {
             .append(true)
             .open(&log)
             .expect("etcd log");
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(self.data_dir(i))
@@ -120,7 +179,7 @@ impl Etcd {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect()
     }
 
@@ -146,10 +205,10 @@ impl Etcd {
     pub fn wait_healthy(&self, members: &[usize]) {
         let end = Instant::now() + Duration::from_secs(60);
         for &i in members {
-            let ep = format!("http://127.0.0.1:{}", self.members[i].client);
+            let ep = self.endpoints()[i].clone();
             loop {
-                let ok = Command::new("etcdctl")
-                    .env("ETCDCTL_API", "3")
+                let ok = self
+                    .etcdctl()
                     .args(["--endpoints", &ep, "--command-timeout", "2s"])
                     .args(["endpoint", "health"])
                     .stdout(Stdio::null())
@@ -176,9 +235,9 @@ impl Etcd {
             .iter()
             .position(|m| m.proc.is_some())
             .expect("a running member");
-        let ep = format!("http://127.0.0.1:{}", self.members[i].client);
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let ep = self.endpoints()[i].clone();
+        let out = self
+            .etcdctl()
             .args(["--endpoints", &ep, "endpoint", "status", "-w", "json"])
             .output()
             .expect("etcdctl endpoint status");
@@ -191,8 +250,8 @@ impl Etcd {
 
     /// All keys and values under `prefix`, as `etcdctl get --prefix` prints them.
     pub fn dump(&self, prefix: &str) -> String {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let out = self
+            .etcdctl()
             .args([
                 "--endpoints",
                 &self.endpoints_arg(),

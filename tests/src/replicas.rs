@@ -56,6 +56,7 @@ impl Replicas {
         prefix: &str,
         extra: &[&str],
     ) -> Self {
+        std::fs::create_dir_all(dir).expect("replica directory");
         let tokens = token_file(dir, TOKEN);
         let spool = dir.join("provision.spool");
         std::fs::write(&spool, "").expect("spool");

@@ -905,14 +905,17 @@ async fn etcd_members_lost_and_restored() {
         })
         .await;
     assert_eq!(state(&v, "node-1"), "Ready");
-    assert!(v["registry"]["controller"]["paused"].is_null() || h.cps.leader().await.is_some());
     let leader = h.leader().await;
-    assert!(
-        h.cps.log(leader).contains("lifecycle decisions resumed")
-            || !h.cps.log(leader).contains("lifecycle decisions paused"),
-        "{}",
-        h.cps.log_tail(leader)
-    );
+    let v = h.cps.status(leader).await.unwrap();
+    assert!(v["registry"]["controller"]["paused"].is_null(), "{v}");
+    let log = h.cps.log(leader);
+    if log.contains("lifecycle decisions paused") {
+        assert!(
+            log.contains("lifecycle decisions resumed"),
+            "{}",
+            h.cps.log_tail(leader)
+        );
+    }
     // Every replica converges on the same view.
     let end = tokio::time::Instant::now() + LIMIT;
     loop {
@@ -940,4 +943,90 @@ async fn etcd_members_lost_and_restored() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     h.shutdown().await;
+}
+
+/// etcd with TLS and client certificates (as a provider runs it): a replica with the client
+/// certificate serves from it; one without is refused by etcd, says so, and keeps serving its
+/// tunnel endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_mutual_tls() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = berth_tests::tunnel::Pki::new(
+        dir.path(),
+        "etcd",
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+    );
+    let etcd = Etcd::start_tls(1, &pki);
+    let prefix = format!("/berth/{}", unique_name("tls"));
+    let (ca, cert, key) = (
+        pki.ca.to_str().unwrap(),
+        pki.client_cert.to_str().unwrap(),
+        pki.client_key.to_str().unwrap(),
+    );
+    let good = Replicas::start(
+        &dir.path().join("good"),
+        1,
+        1,
+        &etcd.endpoints_arg(),
+        &prefix,
+        &[
+            "--etcd-ca-file",
+            ca,
+            "--etcd-cert-file",
+            cert,
+            "--etcd-key-file",
+            key,
+        ],
+    );
+    good.wait_loaded(0).await;
+    let v = good.status(0).await.unwrap();
+    assert!(
+        v["registry"]["store"]["backend"]
+            .as_str()
+            .unwrap()
+            .contains("https://127.0.0.1"),
+        "{v}"
+    );
+    let token = token_file(dir.path(), TOKEN);
+    let mut args = agent_args(good.agent_addrs(), &token, dir.path(), vec![]);
+    args.node_ip = None;
+    args.node_instance_id = Some("i-tls".into());
+    let agent = AgentGuard::start(&tokio::runtime::Handle::current(), args, "node-tls");
+    let end = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(v) = good.status(0).await
+            && state(&v, "node-tls") == "Ready"
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "node never Ready over TLS etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(etcd.dump(&prefix).contains("i-tls"));
+    // Without a client certificate etcd refuses the replica; it reports the store unreachable.
+    let bad = Replicas::start(
+        &dir.path().join("bad"),
+        1,
+        1,
+        &etcd.endpoints_arg(),
+        &prefix,
+        &["--etcd-ca-file", ca],
+    );
+    let end = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(v) = bad.status(0).await
+            && v["registry"]["store"]["reachable"] == false
+        {
+            assert!(v["registry"]["store"]["registry_id"].is_null());
+            assert!(v["registry"]["nodes"].as_array().unwrap().is_empty());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "refusal never reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await;
 }
