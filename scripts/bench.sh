@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Berth's benchmarks (release build) and writes bench/results/*.json.
-# Usage: sudo scripts/bench.sh [cni|tunnel|csi|cluster ...]   (default: all)
+# Usage: sudo scripts/bench.sh [cni|tunnel|csi|cluster|controlplane ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -10,7 +10,7 @@ cargo build --release --workspace --bins --locked
 benches=("$@")
 if ((${#benches[@]} == 0)); then
   benches=()
-  for b in cni tunnel csi cluster; do [[ -x target/release/$b ]] && benches+=("$b"); done
+  for b in cni tunnel csi cluster controlplane; do [[ -x target/release/$b ]] && benches+=("$b"); done
 fi
 for b in "${benches[@]}"; do
   echo "==> bench $b" >&2

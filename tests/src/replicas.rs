@@ -15,6 +15,15 @@ use crate::{
     tunnel::{Proc, TOKEN, token_file},
 };
 
+/// The tests' timers (each can be overridden through `extra`).
+const TEST_TIMERS: [(&str, &str); 5] = [
+    ("--lease-ttl-secs", "2"),
+    ("--heartbeat-interval-ms", "200"),
+    ("--heartbeat-grace-ms", "2000"),
+    ("--tick-ms", "100"),
+    ("--pod-start-ms", "200"),
+];
+
 /// One replica.
 pub struct Replica {
     pub id: String,
@@ -47,7 +56,8 @@ pub struct Replicas {
 
 impl Replicas {
     /// Starts `n` replicas (`cp-0` …) on `etcd_endpoints` under `prefix`, each telling agents
-    /// `--server-count server_count`; `extra` flags go to every replica.
+    /// `--server-count server_count`; `extra` flags go to every replica (a flag of the shortened
+    /// test timers given there replaces the test's value).
     pub fn start(
         dir: &Path,
         n: usize,
@@ -90,22 +100,18 @@ impl Replicas {
                 etcd_endpoints,
                 "--etcd-prefix",
                 prefix,
-                "--lease-ttl-secs",
-                "2",
-                "--heartbeat-interval-ms",
-                "200",
-                "--heartbeat-grace-ms",
-                "2000",
-                "--tick-ms",
-                "100",
-                "--pod-start-ms",
-                "200",
                 "--provision-hook",
                 &hook,
             ]
             .iter()
             .map(|s| s.to_string())
             .collect();
+            // Shortened timers, unless `extra` sets them.
+            for (flag, value) in TEST_TIMERS {
+                if !extra.contains(&flag) {
+                    args.extend([flag.to_string(), value.to_string()]);
+                }
+            }
             args.extend(extra.iter().map(|s| s.to_string()));
             list.push(Replica {
                 log: dir.join(format!("{id}.log")),

@@ -221,6 +221,8 @@ pub struct CacheHealth {
 pub struct Cache {
     keys: Keys,
     state: RwLock<State>,
+    /// Signalled when the leader key goes away (candidates campaign at once).
+    pub leader_gone: tokio::sync::Notify,
     rev: watch::Sender<i64>,
     health: Mutex<CacheHealth>,
 }
@@ -230,6 +232,7 @@ impl Cache {
         Cache {
             keys,
             state: RwLock::new(State::default()),
+            leader_gone: tokio::sync::Notify::new(),
             rev: watch::channel(0).0,
             health: Mutex::new(CacheHealth::default()),
         }
@@ -366,13 +369,21 @@ impl Cache {
                     };
                     match msg {
                         Some(Ok(WatchMessage::Events(events))) => {
-                            {
+                            let leader = self.keys.leader();
+                            let gone = {
                                 let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
                                 for e in &events {
                                     s.apply(&self.keys, e);
                                 }
-                            }
+                                s.leader.is_none()
+                                    && events.iter().any(|e| {
+                                        matches!(e, WatchEvent::Delete { key, .. } if *key == leader)
+                                    })
+                            };
                             self.publish();
+                            if gone {
+                                self.leader_gone.notify_waiters();
+                            }
                         }
                         Some(Ok(WatchMessage::Compacted)) => {
                             tracing::info!(

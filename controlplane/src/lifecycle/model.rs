@@ -130,11 +130,23 @@ impl Model {
             Scope::Workload => Vec::new(),
             Scope::All => state.nodes.iter().map(|(k, v)| (k.clone(), v)).collect(),
         };
-        let (upgrade_rev, upgrade) = split(&state.upgrade);
-        let (workload_rev, workload) = split(&state.workload);
-        let (cluster_rev, cluster) = split(&state.cluster);
         let with_workload = matches!(scope, Scope::All | Scope::Workload);
         let with_rest = scope != Scope::Workload;
+        let (upgrade_rev, upgrade) = if with_rest {
+            split(&state.upgrade)
+        } else {
+            (0, None)
+        };
+        let (workload_rev, workload) = if with_workload {
+            split(&state.workload)
+        } else {
+            (0, None)
+        };
+        let (cluster_rev, cluster) = if scope == Scope::All {
+            split(&state.cluster)
+        } else {
+            (0, None)
+        };
         Model {
             now,
             server: server.to_string(),

@@ -355,19 +355,31 @@ impl Registry {
             every(self.config.report_interval(), |r| {
                 Box::pin(async move { r.report_step().await })
             }),
-            every(self.config.timers.tick, |r| {
-                Box::pin(async move {
-                    if let Err(e) = r.controller_step().await {
-                        tracing::debug!("controller pass: {e}");
-                    }
-                })
-            }),
         ];
+        // The controller: every tick, and at once when the leader key goes away (a candidate
+        // campaigns without waiting for its next tick).
+        let me = self.clone();
+        let mut sd = shutdown.clone();
+        let controller = tokio::spawn(async move {
+            let mut iv = tokio::time::interval(me.config.timers.tick);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = iv.tick() => {}
+                    _ = me.cache.leader_gone.notified() => {}
+                    _ = sd.changed() => return,
+                }
+                if let Err(e) = me.controller_step().await {
+                    tracing::debug!("controller pass: {e}");
+                }
+            }
+        });
         let mut sd = shutdown.clone();
         let _ = sd.wait_for(|s| *s).await;
         for t in tasks {
             let _ = t.await;
         }
+        let _ = controller.await;
         let lease = lock(&self.session).lease;
         if lease != 0 {
             match tokio::time::timeout(Duration::from_secs(2), self.store.revoke(lease)).await {
