@@ -270,14 +270,13 @@ fn now_ms() -> u64 {
 async fn three_replicas_show_one_registry() {
     // server count 1: an agent keeps one connection, to the first replica it reaches.
     let mut h = Harness::new(3, 1, &["--autoheal-after-ms", "600000"]);
-    let addrs = h.cps.agent_addrs();
-    for i in 0..3 {
+    for (i, addr) in h.cps.agent_addrs().into_iter().enumerate() {
         h.start_node(
             &format!("node-{i}"),
             &format!("i-000{i}"),
             "pool-a",
             "1.0.0",
-            Some(vec![addrs[i].clone()]),
+            Some(vec![addr]),
         );
     }
     // Every replica shows all three nodes Ready, each registered through a different one.
