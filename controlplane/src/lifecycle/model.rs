@@ -394,9 +394,10 @@ impl Model {
         let id = reg.instance_id.clone();
         if let Some(r) = self.nodes.get(&id)
             && order.1 != 0
-            && (r.agent_start_ms, r.agent_seq) > order
+            && r.agent_start_ms == order.0
+            && r.agent_seq > order.1
         {
-            // Older than what is stored (delayed on this replica): nothing to apply.
+            // Older than what this agent process reported since (delayed on this replica).
             return Ok(r.state);
         }
         let name = reg.node_name.clone();
@@ -416,8 +417,10 @@ impl Model {
             ))),
             Some(r) => {
                 let was_not_ready = r.state == NodeState::NotReady;
+                // A new agent process (restart, reinstall) starts a new report order.
+                let new_process = order.1 != 0 && r.agent_start_ms != order.0;
                 let changed = r.registration != reg;
-                if changed || was_not_ready {
+                if changed || was_not_ready || new_process {
                     let r = self.node_mut(&id).expect("present");
                     r.version = reg.version.clone();
                     r.registration = reg;
@@ -468,11 +471,23 @@ impl Model {
         let id = hb.instance_id.clone();
         let before = self.nodes.get(&id)?.clone();
         let order = (hb.agent_start_ms, hb.sequence);
-        if hb.sequence != 0 && (before.agent_start_ms, before.agent_seq) > order {
-            // Older than the last report stored (delayed on this replica): applying it would undo
-            // newer facts (a version after an upgrade). Answer from the stored state.
-            tracing::debug!(node = %before.registration.node_name, "stale heartbeat ignored");
-            return Some(Self::answer(&before));
+        if hb.sequence != 0 && before.agent_seq != 0 {
+            if hb.agent_start_ms != before.agent_start_ms {
+                // Another agent process than the one registered last (an older one's delayed
+                // report, or a newer one whose registration went elsewhere): it registers again
+                // (first, so that its reports are ordered), the stored state stays as it is.
+                return Some(HeartbeatResponse {
+                    state: String::new(),
+                    commands: Vec::new(),
+                    known: false,
+                });
+            }
+            if hb.sequence < before.agent_seq {
+                // Older than the last report stored (delayed on this replica): applying it would
+                // undo newer facts (a version after an upgrade). Answer from the stored state.
+                tracing::debug!(node = %before.registration.node_name, "stale heartbeat ignored");
+                return Some(Self::answer(&before));
+            }
         }
         let conditions: Vec<Condition> = hb
             .conditions

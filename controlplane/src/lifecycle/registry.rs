@@ -1457,13 +1457,23 @@ mod tests {
         assert!(late.known);
         assert_eq!(store.revision(), rev, "the late report wrote nothing");
         assert_eq!(node(&b.r.status(), "n1").version, "v2");
-        // A restarted agent (later start time) starts counting again and is applied.
-        let restarted = HeartbeatRequest {
-            agent_start_ms: 2_000,
+        // A restarted agent registers first (a new report order), whatever its clock says;
+        // the old process's delayed reports are then sent to register again.
+        let restarted = RegisterRequest {
+            agent_start_ms: 500,
             sequence: 1,
+            ..registration("n1", "v3")
+        };
+        b.r.register(restarted).await.unwrap();
+        let hb = HeartbeatRequest {
+            agent_start_ms: 500,
+            sequence: 2,
             ..beat("n1", "v3", vec![])
         };
-        b.r.heartbeat(restarted).await.unwrap();
+        assert!(b.r.heartbeat(hb).await.unwrap().known);
+        assert_eq!(node(&b.r.status(), "n1").version, "v3");
+        let old = b.r.heartbeat(stamped("v2", 4)).await.unwrap();
+        assert!(!old.known, "the old process must register again");
         assert_eq!(node(&b.r.status(), "n1").version, "v3");
         // Old agents (no stamp) are applied as they come.
         a.r.heartbeat(beat("n1", "v4", vec![])).await.unwrap();
