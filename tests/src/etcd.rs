@@ -248,6 +248,49 @@ impl Etcd {
             .expect("revision")
     }
 
+    /// Every write under `prefix` in revisions `(from, to]`: (revision, `PUT`/`DELETE`, key),
+    /// read from etcd's history (nothing is compacted in the tests' clusters).
+    pub fn history(&self, prefix: &str, from: i64, to: i64) -> Vec<(i64, String, String)> {
+        // `etcdctl watch` replays the history and then follows: stop it after the replay.
+        let out = Command::new("timeout")
+            .arg("2")
+            .arg("etcdctl")
+            .args(self.etcdctl().get_args())
+            .args([
+                "--endpoints",
+                &self.endpoints_arg(),
+                "watch",
+                "--prefix",
+                prefix,
+            ])
+            .args(["--rev", &(from + 1).to_string(), "-w", "json"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("etcdctl watch");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut writes = Vec::new();
+        for resp in serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>() {
+            let Ok(resp) = resp else { break };
+            for e in resp["Events"].as_array().into_iter().flatten() {
+                let rev = e["kv"]["mod_revision"].as_i64().unwrap_or(0);
+                if rev <= from || rev > to {
+                    continue;
+                }
+                let op = if e["type"].as_i64() == Some(1) {
+                    "DELETE"
+                } else {
+                    "PUT"
+                };
+                let key = e["kv"]["key"]
+                    .as_str()
+                    .map(base64_decode)
+                    .unwrap_or_default();
+                writes.push((rev, op.to_string(), key));
+            }
+        }
+        writes
+    }
+
     /// All keys and values under `prefix`, as `etcdctl get --prefix` prints them.
     pub fn dump(&self, prefix: &str) -> String {
         let out = self
@@ -280,5 +323,42 @@ impl Drop for Etcd {
                 p.kill();
             }
         }
+    }
+}
+
+/// Standard base64 (what etcdctl's JSON output uses for keys).
+fn base64_decode(s: &str) -> String {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let Some(v) = val(c) else { continue };
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_keys() {
+        assert_eq!(super::base64_decode("L2JlcnRoL3Yx"), "/berth/v1");
+        assert_eq!(super::base64_decode("YQ=="), "a");
     }
 }

@@ -7,7 +7,8 @@
 //! * etcd writes per heartbeat: the etcd revision (one per write transaction, reports included)
 //!   counted across 10 s of nodes heartbeating at a steady pace, with the production ratio of
 //!   heartbeat interval to grace period (1 s / 4 s here, 10 s / 40 s by default), and during the
-//!   full-speed run;
+//!   full-speed run; the operations of the paced window are read back from etcd's history and
+//!   counted by kind of key (reports, history trimming, node records …);
 //! * failover: three `berth-controlplane serve` processes (release build) with the default lease
 //!   (3 s) and tick (1 s); the leader is killed (SIGKILL) and a drain is requested from a
 //!   survivor: the time from the kill to the drain's completion by the next leader (the next
@@ -196,6 +197,8 @@ struct HeartbeatFigures {
     writes_full_speed: f64,
     paced_heartbeats: u64,
     paced_writes: i64,
+    /// `PUT replicas` (reports), `DELETE events` (history trimming), …
+    paced_by_kind: std::collections::BTreeMap<String, usize>,
 }
 
 async fn heartbeats(etcd: &Etcd, nodes: usize) -> anyhow::Result<HeartbeatFigures> {
@@ -259,10 +262,22 @@ async fn heartbeats(etcd: &Etcd, nodes: usize) -> anyhow::Result<HeartbeatFigure
         bail!("{ready} of {nodes} nodes Ready");
     }
     let (n, secs, writes) = full_speed(&clients, nodes, 5.0, etcd, &seq).await?;
+    let rev0 = etcd.revision();
     let (paced_n, paced_writes) =
         paced(&clients, nodes, Duration::from_secs(1), 10, etcd, &seq).await?;
+    // What was written in the window, by kind of key (from etcd's history).
+    let mut paced_by_kind = std::collections::BTreeMap::<String, usize>::new();
+    let root = format!("{}/v1/", args.etcd_prefix);
+    for (_, op, key) in etcd.history("/berth/", rev0, rev0 + paced_writes) {
+        let rest = key.strip_prefix(&root).unwrap_or(&key);
+        let kind = match rest.split('/').next().unwrap_or("") {
+            "state" => rest.split('/').take(2).collect::<Vec<_>>().join("/"),
+            k => k.to_string(),
+        };
+        *paced_by_kind.entry(format!("{op} {kind}")).or_default() += 1;
+    }
     eprintln!(
-        "{nodes} nodes: {:.0} heartbeats/s ({n} in {secs:.1} s, {writes} etcd writes); paced: {paced_n} heartbeats, {paced_writes} writes",
+        "{nodes} nodes: {:.0} heartbeats/s ({n} in {secs:.1} s, {writes} etcd writes); paced: {paced_n} heartbeats, {paced_writes} writes {paced_by_kind:?}",
         n as f64 / secs
     );
     cp.stop().await;
@@ -271,6 +286,7 @@ async fn heartbeats(etcd: &Etcd, nodes: usize) -> anyhow::Result<HeartbeatFigure
         writes_full_speed: writes as f64 / n as f64,
         paced_heartbeats: paced_n,
         paced_writes,
+        paced_by_kind,
     })
 }
 
@@ -433,6 +449,8 @@ async fn main() -> anyhow::Result<()> {
             "etcd_writes_100_nodes": h100.paced_writes,
             "heartbeats_1000_nodes": h1000.paced_heartbeats,
             "etcd_writes_1000_nodes": h1000.paced_writes,
+            "etcd_operations_by_kind_100_nodes": h100.paced_by_kind,
+            "etcd_operations_by_kind_1000_nodes": h1000.paced_by_kind,
         },
         "failover_seconds": median(&failovers),
         "failover_seconds_max": failovers.iter().cloned().fold(0.0, f64::max),
